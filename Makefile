@@ -1,0 +1,34 @@
+# The two commands a newcomer needs: `make demo` and `make test`. Both install everything first.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+PY := $(VENV)/bin/python
+INSTALLED := $(VENV)/.installed
+PROTOS := $(patsubst %.proto,%_pb2.py,$(wildcard protos/*.proto))
+
+.PHONY: demo test bench install protos system-deps
+
+install: $(INSTALLED) protos
+
+$(INSTALLED): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip setuptools wheel
+	$(PY) -m pip install -q -e ".[test]"
+	touch $@
+
+protos: $(INSTALLED) $(PROTOS)
+
+protos/%_pb2.py: protos/%.proto $(INSTALLED)
+	$(PY) -m grpc_tools.protoc -I. --python_out=. --pyi_out=. --grpc_python_out=. $<
+
+# Prometheus (a real server for the metrics tests) comes from Debian; installed once, as root.
+system-deps:
+	@command -v prometheus >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null; }
+
+demo: install
+	$(VENV)/bin/shadowserve demo
+
+test: install system-deps
+	$(PY) -m pytest -q
+
+bench: install
+	$(PY) -m bench --out BENCHMARKS.md

@@ -1,0 +1,38 @@
+"""Runtime adapters, imported lazily by name so a missing runtime only fails when asked for."""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Sequence
+
+from server.errors import ConfigError
+
+if TYPE_CHECKING:
+    from adapters.base import Backend
+    from server.config import BackendConfig, TensorConfig
+
+RUNTIMES: dict[str, str] = {
+    "mxnet": "adapters.mxnet:MXNetBackend",
+    "torch": "adapters.torch:TorchBackend",
+    "triton": "adapters.triton:TritonBackend",
+    "remote": "adapters.remote:RemoteBackend",
+    "caffe": "adapters.caffe:CaffeBackend",
+}
+
+
+def backend_class(runtime: str) -> type["Backend"]:
+    try:
+        module_name, class_name = RUNTIMES[runtime].split(":")
+    except KeyError:
+        raise ConfigError(f"unknown runtime {runtime!r}; known: {sorted(RUNTIMES)}") from None
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ConfigError(f"runtime {runtime!r} is not installed here: {exc}") from exc
+    return getattr(module, class_name)
+
+
+def create_backend(
+    config: "BackendConfig", inputs: Sequence["TensorConfig"], outputs: Sequence["TensorConfig"]
+) -> "Backend":
+    return backend_class(config.runtime)(config, inputs, outputs)  # type: ignore[attr-defined]

@@ -1,0 +1,52 @@
+"""MXNet 1.x models exported by `HybridBlock.export` (symbol JSON + params), run in-process."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from adapters.base import InProcessBackend
+from server.config import MXNetConfig
+from server.errors import BackendError, ConfigError
+
+
+class MXNetBackend(InProcessBackend):
+    runtime = "mxnet"
+    config: MXNetConfig
+
+    def load_blocking(self) -> None:
+        import mxnet as mx
+
+        config = self.config
+        self._context = mx.gpu(int(config.context[4:-1])) if config.context.startswith("gpu") else mx.cpu()
+        try:
+            symbol = mx.sym.load(str(config.symbol))
+            outputs = symbol.list_outputs()
+            self._net = mx.gluon.SymbolBlock.imports(
+                str(config.symbol), config.input_names, str(config.params), ctx=self._context
+            )
+        except Exception as exc:
+            raise ConfigError(f"mxnet model {config.symbol} / {config.params} failed to load: {exc}") from exc
+        if len(outputs) != len(self.signature.outputs):
+            raise ConfigError(
+                f"mxnet symbol {config.symbol} has {len(outputs)} outputs {outputs}, "
+                f"the pair declares {len(self.signature.outputs)}"
+            )
+        if sorted(config.input_names) != sorted(self.signature.input_names):
+            raise ConfigError(
+                f"mxnet input_names {config.input_names} do not match the pair's inputs "
+                f"{self.signature.input_names} (map them with tensor_names)"
+            )
+        self._net.hybridize(static_alloc=True)
+        self._mx = mx
+
+    def run_blocking(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        mx = self._mx
+        arrays = [mx.nd.array(inputs[name], ctx=self._context, dtype=inputs[name].dtype) for name in self.config.input_names]
+        result = self._net(*arrays)
+        results = result if isinstance(result, (list, tuple)) else [result]
+        if len(results) != len(self.signature.outputs):
+            raise BackendError(f"mxnet returned {len(results)} outputs, expected {len(self.signature.outputs)}")
+        return {spec.name: out.asnumpy() for spec, out in zip(self.signature.outputs, results)}
+
+    def describe(self) -> dict[str, str]:
+        return {"runtime": self.runtime, "context": self.config.context}

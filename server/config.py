@@ -1,0 +1,253 @@
+"""Configuration as validated data: one YAML file, checked entirely at start-up."""
+
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+from server.errors import ConfigError
+from server.tensors import V2_DATATYPES
+
+V2Datatype = Literal[V2_DATATYPES]  # type: ignore[valid-type]
+
+
+def _existing_file(path: Path, info: ValidationInfo) -> Path:
+    base_dir = (info.context or {}).get("base_dir")
+    if base_dir is not None and not path.is_absolute():
+        path = Path(base_dir) / path
+    if not path.is_file():
+        raise ValueError(f"file not found: {path}")
+    return path
+
+
+ModelFile = Annotated[Path, AfterValidator(_existing_file)]
+
+
+def _listen_address(value: str) -> str:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"expected HOST:PORT, got {value!r}")
+    return value
+
+
+ListenAddress = Annotated[str, AfterValidator(_listen_address)]
+
+
+def is_loopback(listen: str) -> bool:
+    host = listen.rpartition(":")[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TensorConfig(Strict):
+    """A tensor the pair exposes to clients."""
+
+    name: str = Field(min_length=1)
+    datatype: V2Datatype
+    shape: list[int] = Field(min_length=0, description="dimensions; -1 marks a variable one")
+    class_scores: bool = Field(False, description="output only: compare top-1 and top-k along the last axis")
+
+    @field_validator("shape")
+    @classmethod
+    def _dims(cls, shape: list[int]) -> list[int]:
+        if any(dim < -1 or dim == 0 for dim in shape):
+            raise ValueError("dimensions must be positive or -1")
+        return shape
+
+
+class BackendConfig(Strict):
+    """Settings every runtime shares."""
+
+    timeout_s: float = Field(10.0, gt=0, description="deadline of one call to this backend")
+    tensor_names: dict[str, str] = Field(
+        default_factory=dict, description="pair tensor name -> this backend's tensor name"
+    )
+
+
+class MXNetConfig(BackendConfig):
+    runtime: Literal["mxnet"]
+    symbol: ModelFile
+    params: ModelFile
+    input_names: list[str] = Field(default_factory=lambda: ["data"])
+    context: str = Field("cpu", pattern=r"^(cpu|gpu\(\d+\))$")
+    threads: int = Field(1, ge=1, le=64, description="inference threads for this backend")
+
+
+class TorchConfig(BackendConfig):
+    runtime: Literal["torch"]
+    path: ModelFile = Field(description="TorchScript (torch.jit.save) or torch.export (.pt2) program")
+    device: str = "cpu"
+    threads: int = Field(1, ge=1, le=64)
+
+
+class RemoteConfig(BackendConfig):
+    runtime: Literal["remote"]
+    url: str = Field(min_length=3, description="HOST:PORT of a KServe v2 gRPC endpoint")
+    model: str = Field(min_length=1)
+    version: str = ""
+
+
+class TritonConfig(RemoteConfig):
+    runtime: Literal["triton"]  # type: ignore[assignment]
+
+
+class CaffeConfig(BackendConfig):
+    runtime: Literal["caffe"]
+    prototxt: ModelFile
+    caffemodel: ModelFile
+    executor: Literal["auto", "pycaffe", "opencv"] = "auto"
+    mean_values: list[float] | None = Field(None, description="per-channel mean subtracted from the input")
+    mean_file: ModelFile | None = Field(None, description=".binaryproto mean blob subtracted from the input")
+    raw_scale: float | None = Field(None, description="multiplier applied before mean subtraction")
+    input_scale: float | None = Field(None, description="multiplier applied after mean subtraction")
+    channel_swap: list[int] | None = Field(None, description="channel order, e.g. [2, 1, 0] for RGB->BGR")
+    threads: int = Field(1, ge=1, le=64)
+
+    @model_validator(mode="after")
+    def _one_mean(self) -> "CaffeConfig":
+        if self.mean_values is not None and self.mean_file is not None:
+            raise ValueError("give either mean_values or mean_file, not both")
+        return self
+
+
+AnyBackend = Annotated[
+    Union[MXNetConfig, TorchConfig, RemoteConfig, TritonConfig, CaffeConfig],
+    Field(discriminator="runtime"),
+]
+
+
+class GuardConfig(Strict):
+    """Automatic rollback thresholds, judged over the recent window of shadowed requests."""
+
+    window: int = Field(200, ge=10, le=100_000, description="most recent shadowed requests judged")
+    min_samples: int = Field(50, ge=1, description="no verdict before this many samples")
+    max_mismatch_rate: float | None = Field(None, ge=0, le=1)
+    min_top1_agreement: float | None = Field(None, ge=0, le=1)
+    max_error_rate: float | None = Field(None, ge=0, le=1, description="candidate errors and timeouts")
+    max_p99_latency_s: float | None = Field(None, gt=0)
+
+
+class ModelPairConfig(Strict):
+    """One model clients call, served by `legacy` and compared against `candidate`."""
+
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.\-]+$")
+    inputs: list[TensorConfig] = Field(min_length=1)
+    outputs: list[TensorConfig] = Field(min_length=1)
+    legacy: AnyBackend
+    candidate: AnyBackend | None = None
+    shadow_percent: float = Field(0.0, ge=0, le=100)
+    serve_percent: float = Field(0.0, ge=0, le=100)
+    atol: float = Field(1e-5, ge=0, description="absolute tolerance of a match")
+    rtol: float = Field(1e-4, ge=0, description="relative tolerance of a match")
+    top_k: int = Field(5, ge=1, description="k of the top-k overlap of class-score outputs")
+    routing_parameter: str = Field(
+        "routing_key", description="request parameter hashed to pick a side; else the request id"
+    )
+    window: int = Field(1000, ge=10, le=1_000_000, description="recent shadowed requests kept for status and the guard")
+    guard: GuardConfig | None = None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "ModelPairConfig":
+        for kind, tensors in (("inputs", self.inputs), ("outputs", self.outputs)):
+            names = [tensor.name for tensor in tensors]
+            if len(set(names)) != len(names):
+                raise ValueError(f"duplicate tensor names in {kind}: {names}")
+        if self.candidate is None and (self.shadow_percent or self.serve_percent):
+            raise ValueError("shadow_percent/serve_percent need a candidate backend")
+        declared = {t.name for t in self.inputs} | {t.name for t in self.outputs}
+        for role, backend in (("legacy", self.legacy), ("candidate", self.candidate)):
+            unknown = set(backend.tensor_names) - declared if backend else set()
+            if unknown:
+                raise ValueError(f"{role}.tensor_names maps undeclared tensors: {sorted(unknown)}")
+        return self
+
+
+class ServerConfig(Strict):
+    grpc_listen: ListenAddress = "0.0.0.0:8001"
+    metrics_listen: ListenAddress = "0.0.0.0:8002"
+    admin_listen: ListenAddress = "127.0.0.1:8003"
+    admin_allow_remote: bool = Field(False, description="allow admin_listen on a non-loopback address")
+    max_message_bytes: int = Field(256 * 1024 * 1024, ge=4 * 1024 * 1024)
+    max_shadow_in_flight: int = Field(64, ge=1, description="shadow calls beyond this are skipped")
+    max_comparisons_queued: int = Field(256, ge=1, description="comparisons beyond this are skipped")
+    workers: int = Field(1, ge=1, le=64)
+
+    @model_validator(mode="after")
+    def _admin_loopback(self) -> "ServerConfig":
+        if not self.admin_allow_remote and not is_loopback(self.admin_listen):
+            raise ValueError(
+                f"admin_listen {self.admin_listen} is not a loopback address; "
+                "set server.admin_allow_remote: true to expose the admin service"
+            )
+        return self
+
+
+class Config(Strict):
+    server: ServerConfig = ServerConfig()
+    models: list[ModelPairConfig] = Field(min_length=1)
+
+    @field_validator("models")
+    @classmethod
+    def _unique_names(cls, models: list[ModelPairConfig]) -> list[ModelPairConfig]:
+        names = [model.name for model in models]
+        duplicates = sorted({name for name in names if names.count(name) > 1})
+        if duplicates:
+            raise ValueError(f"duplicate model names: {duplicates}")
+        return models
+
+
+def _key(loc: tuple[Any, ...]) -> str:
+    parts: list[str] = []
+    for item in loc:
+        if isinstance(item, int):
+            parts.append(f"[{item}]")
+        elif item in ("mxnet", "torch", "remote", "triton", "caffe") and parts:
+            continue  # discriminator tag pydantic inserts; not a key the user wrote
+        else:
+            parts.append(("." if parts else "") + str(item))
+    return "".join(parts) or "(top level)"
+
+
+def parse_config(data: Any, source: str, base_dir: Path | None = None) -> Config:
+    """Validate raw config data; errors name `source` and every offending key."""
+    try:
+        return Config.model_validate(data, context={"base_dir": base_dir})
+    except ValidationError as exc:
+        problems = [f"  {_key(err['loc'])}: {err['msg']}" for err in exc.errors()]
+        raise ConfigError(f"{source}: invalid configuration\n" + "\n".join(problems)) from None
+
+
+def load_config(path: str | Path) -> Config:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read config: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping with 'server' and 'models' keys")
+    return parse_config(data, str(path), base_dir=path.parent)

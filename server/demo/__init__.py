@@ -1,0 +1,154 @@
+"""`shadowserve demo`: real models, a real gateway on loopback, real clients, a summary table."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from server.config import Config, parse_config
+from server.dispatch import ModelPair
+
+PAIRS = (("classifier", "faithful PyTorch port"), ("classifier_bgr", "PyTorch port with RGB/BGR swapped"))
+
+
+def demo_config(legacy: dict[str, Any], faithful: Path, buggy: Path, window: int) -> Config:
+    """Two pairs on the same legacy model: one candidate faithful, one with a migration bug."""
+    tensors = {
+        "inputs": [{"name": "image", "datatype": "FP32", "shape": [-1, 3, 32, 32]}],
+        "outputs": [{"name": "probabilities", "datatype": "FP32", "shape": [-1, 6], "class_scores": True}],
+    }
+    models = [
+        {"name": name, **tensors, "legacy": legacy, "candidate": {"runtime": "torch", "path": str(path)},
+         "shadow_percent": 100, "window": window}
+        for (name, _), path in zip(PAIRS, (faithful, buggy))
+    ]
+    server = {"grpc_listen": "127.0.0.1:0", "metrics_listen": "127.0.0.1:0"}
+    return parse_config({"server": server, "models": models}, "demo defaults")
+
+
+def _build(legacy: str, workdir: Path) -> tuple[dict[str, Any], Path, Path]:
+    if legacy == "caffe":
+        from server.demo.caffe_models import build_caffe_demo_models
+
+        return build_caffe_demo_models(workdir)
+    from server.demo.mxnet_models import build_demo_models
+
+    models = build_demo_models(workdir)
+    spec = {"runtime": "mxnet", "symbol": str(models.symbol), "params": str(models.params),
+            "tensor_names": {"image": "data"}, "input_names": ["data"]}
+    return spec, models.faithful_torch, models.buggy_torch
+
+
+class Progress:
+    """A one-line progress bar on stderr."""
+
+    def __init__(self, total: int, label: str) -> None:
+        self.total, self.label, self.done, self._shown = total, label, 0, -1
+
+    def advance(self) -> None:
+        self.done += 1
+        percent = self.done * 100 // self.total
+        if percent != self._shown:
+            self._shown = percent
+            bar = "#" * (percent // 4)
+            sys.stderr.write(f"\r{self.label:<16} [{bar:<25}] {self.done}/{self.total}")
+            if self.done == self.total:
+                sys.stderr.write("\n")
+            sys.stderr.flush()
+
+
+async def drive(url: str, model: str, requests: int, concurrency: int = 8, seed: int = 1) -> int:
+    """Send `requests` inferences through tritonclient.grpc.aio; returns how many succeeded."""
+    import tritonclient.grpc.aio as triton_aio
+    from tritonclient.grpc import InferInput
+
+    from server.demo.mxnet_models import synthetic_images
+
+    images, _ = synthetic_images(requests, np.random.default_rng(seed))
+    progress = Progress(requests, model)
+    queue: asyncio.Queue[int] = asyncio.Queue()
+    for index in range(requests):
+        queue.put_nowait(index)
+    ok = 0
+    async with triton_aio.InferenceServerClient(url) as client:
+        async def worker() -> None:
+            nonlocal ok
+            while not queue.empty():
+                index = queue.get_nowait()
+                tensor = InferInput("image", [1, 3, 32, 32], "FP32")
+                tensor.set_data_from_numpy(images[index : index + 1])
+                await client.infer(model, [tensor], request_id=str(index))
+                ok += 1
+                progress.advance()
+
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return ok
+
+
+def _ms(value: float | None) -> str:
+    return f"{value * 1000:.2f}" if value is not None else "-"
+
+
+def _rate(value: float | None) -> str:
+    return f"{value * 100:.1f}%" if value is not None else "-"
+
+
+def summary_table(pairs: list[ModelPair]) -> str:
+    header = ("model", "candidate", "compared", "match", "top-1 agree", "max|d| p50", "max|d| p99",
+              "legacy p50/p99 ms", "candidate p50/p99 ms")
+    rows = [header]
+    descriptions = dict(PAIRS)
+    for pair in pairs:
+        s = pair.window.summary()
+        rows.append((
+            pair.name, descriptions.get(pair.name, ""), str(s.compared), _rate(s.match_rate), _rate(s.top1_agreement),
+            f"{s.max_abs_p50:.1e}" if s.max_abs_p50 is not None else "-",
+            f"{s.max_abs_p99:.1e}" if s.max_abs_p99 is not None else "-",
+            f"{_ms(s.latency_p50['legacy'])} / {_ms(s.latency_p99['legacy'])}",
+            f"{_ms(s.latency_p50['candidate'])} / {_ms(s.latency_p99['candidate'])}",
+        ))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)) for row in rows]
+    lines.insert(1, "  ".join("-" * width for width in widths))
+    return "\n".join(lines)
+
+
+async def _settle(gateway, expected: int, timeout_s: float = 10.0) -> None:
+    """Wait until shadow work of the driven requests has been compared (it runs after replies)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if all(pair.window.summary().samples >= expected for pair in gateway.dispatcher.pairs.values()):
+            return
+        await asyncio.sleep(0.05)
+
+
+async def run_demo(requests: int = 2000, legacy: str = "mxnet", serve: bool = False, workdir: str | None = None) -> int:
+    from server.app import Gateway
+
+    with tempfile.TemporaryDirectory(prefix="shadowserve-demo-") as temporary:
+        folder = Path(workdir or temporary)
+        print(f"building the demo models ({legacy} legacy, PyTorch candidates) in {folder} ...", flush=True)
+        legacy_spec, faithful, buggy = _build(legacy, folder)
+        gateway = Gateway(demo_config(legacy_spec, faithful, buggy, window=max(requests, 10)))
+        await gateway.start()
+        url = f"127.0.0.1:{gateway.grpc_port}"
+        print(f"gateway on {url}, metrics on http://127.0.0.1:{gateway.metrics_port}/metrics")
+        try:
+            for name, _ in PAIRS:
+                await drive(url, name, requests)
+            await _settle(gateway, requests)
+            pairs = list(gateway.dispatcher.pairs.values())
+            print()
+            print(summary_table(pairs))
+            if serve:
+                print(f"\nserving until Ctrl-C: point a Triton client at {url}")
+                await asyncio.Event().wait()
+        finally:
+            await gateway.stop(grace_s=1.0)
+    return 0

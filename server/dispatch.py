@@ -1,0 +1,318 @@
+"""The shadow core: route each request, answer from the serving side, compare off the response path.
+
+Knows no framework: it sees backends only through `adapters.base.Backend`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import hashlib
+import logging
+import random
+import time
+from typing import Callable, Iterable
+
+import numpy as np
+
+from adapters.base import Backend
+from server.compare import Comparison, compare
+from server.config import ModelPairConfig, ServerConfig, TensorConfig
+from server.errors import (
+    BackendError,
+    BackendTimeout,
+    ConfigError,
+    ModelNotFound,
+    ModelNotReady,
+    ShadowServeError,
+)
+from server.metrics import Metrics, ModelMetrics
+from server.tensors import InferRequest
+from server.window import RecentWindow
+
+log = logging.getLogger("shadowserve.dispatch")
+
+ROUTING_BUCKETS = 10_000
+# Comparisons of outputs up to this many elements run on the event loop right after the reply;
+# larger ones go to the comparison thread so they never stall other requests.
+INLINE_COMPARE_MAX_ELEMENTS = 65_536
+Outputs = dict[str, np.ndarray]
+
+
+def routing_bucket(key: str | None) -> int:
+    """Stable bucket in [0, 10000) for a routing key: same key, same bucket, on every replica."""
+    if not key:
+        return random.randrange(ROUTING_BUCKETS)
+    digest = hashlib.blake2b(key.encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") % ROUTING_BUCKETS
+
+
+def stage_of(shadow_percent: float, serve_percent: float) -> str:
+    if serve_percent >= 100:
+        return "cutover"
+    if serve_percent > 0:
+        return "canary"
+    return "shadow" if shadow_percent > 0 else "off"
+
+
+class ModelPair:
+    """A configured pair at run time: its backends, routing percentages, metrics and window."""
+
+    def __init__(self, config: ModelPairConfig, legacy: Backend, candidate: Backend | None, metrics: ModelMetrics):
+        self.config = config
+        self.name = config.name
+        self.legacy = legacy
+        self.candidate = candidate
+        self.metrics = metrics
+        self.window = RecentWindow(config.window)
+        self.inputs: dict[str, TensorConfig] = {tensor.name: tensor for tensor in config.inputs}
+        self.output_names = tuple(tensor.name for tensor in config.outputs)
+        self.class_score_outputs = frozenset(t.name for t in config.outputs if t.class_scores)
+        self.shadow_percent = 0.0
+        self.serve_percent = 0.0
+        self.rolled_back = False
+        self.set_percentages(config.shadow_percent, config.serve_percent)
+
+    @property
+    def stage(self) -> str:
+        return "rolled_back" if self.rolled_back else stage_of(self.shadow_percent, self.serve_percent)
+
+    def set_percentages(self, shadow_percent: float, serve_percent: float, rolled_back: bool = False) -> None:
+        self.shadow_percent, self.serve_percent, self.rolled_back = shadow_percent, serve_percent, rolled_back
+        self.metrics.stage(self.stage, shadow_percent, serve_percent)
+
+    @property
+    def ready(self) -> bool:
+        return self.legacy.ready
+
+
+class Dispatcher:
+    """Runs every request on the legacy side and, when routed, on the candidate side too."""
+
+    def __init__(self, pairs: Iterable[ModelPair], server: ServerConfig) -> None:
+        self.pairs: dict[str, ModelPair] = {pair.name: pair for pair in pairs}
+        self.max_shadow_in_flight = server.max_shadow_in_flight
+        self.max_comparisons_queued = server.max_comparisons_queued
+        self.shadow_in_flight = 0
+        self.comparisons_queued = 0
+        self._compare_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="compare")
+        self._tasks: set[asyncio.Task] = set()
+        self.comparison_listeners: list[Callable[[ModelPair, Comparison | None], None]] = []
+
+    @classmethod
+    def from_config(cls, models: Iterable[ModelPairConfig], server: ServerConfig, metrics: Metrics) -> "Dispatcher":
+        from adapters import create_backend
+
+        pairs = []
+        for config in models:
+            legacy = create_backend(config.legacy, config.inputs, config.outputs)
+            candidate = create_backend(config.candidate, config.inputs, config.outputs) if config.candidate else None
+            outputs = [tensor.name for tensor in config.outputs]
+            scores = [tensor.name for tensor in config.outputs if tensor.class_scores]
+            pairs.append(ModelPair(config, legacy, candidate, metrics.for_model(config.name, outputs, scores)))
+        return cls(pairs, server)
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Load every backend. Broken model files stop start-up; unreachable remotes are retried."""
+        loads = []
+        for pair in self.pairs.values():
+            loads.append(self._load(pair, "legacy", pair.legacy))
+            if pair.candidate is not None:
+                loads.append(self._load(pair, "candidate", pair.candidate))
+        await asyncio.gather(*loads)
+
+    async def _load(self, pair: ModelPair, role: str, backend: Backend) -> None:
+        try:
+            await backend.load()
+            log.info("model %s: %s backend loaded %s", pair.name, role, backend.describe())
+        except ConfigError as exc:
+            raise ConfigError(f"model {pair.name!r} {role}: {exc}") from exc
+        except Exception as exc:
+            log.warning("model %s: %s backend not ready (%s); retrying in the background", pair.name, role, exc)
+            self._spawn(self._retry_load(pair, role, backend))
+
+    async def _retry_load(self, pair: ModelPair, role: str, backend: Backend) -> None:
+        delay = 1.0
+        while not backend.ready:
+            await asyncio.sleep(delay)
+            try:
+                await backend.load()
+                log.info("model %s: %s backend loaded %s", pair.name, role, backend.describe())
+            except Exception as exc:
+                log.warning("model %s: %s backend still not ready: %s", pair.name, role, exc)
+                delay = min(delay * 2, 30.0)
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for pair in self.pairs.values():
+            await pair.legacy.close()
+            if pair.candidate is not None:
+                await pair.candidate.close()
+        self._compare_pool.shutdown(wait=False, cancel_futures=True)
+
+    def _spawn(self, coroutine) -> asyncio.Task:
+        task = asyncio.get_running_loop().create_task(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    # -- the request path ------------------------------------------------------------------
+
+    def pair(self, name: str) -> ModelPair:
+        try:
+            return self.pairs[name]
+        except KeyError:
+            raise ModelNotFound(f"unknown model {name!r}; this gateway serves {sorted(self.pairs)}") from None
+
+    async def infer(self, pair: ModelPair, request: InferRequest) -> Outputs:
+        """The answer for `request`: the legacy's, or the candidate's for requests routed to it."""
+        served_by = "legacy"
+        try:
+            if not pair.legacy.ready:
+                raise ModelNotReady(f"model {pair.name!r} is not ready: its legacy backend is still loading")
+            candidate = pair.candidate
+            bucket = routing_bucket(request.routing_key or request.id)
+            if candidate is not None and bucket < pair.serve_percent * 100 and candidate.ready:
+                served_by = "candidate"
+                outputs, served_by = await self._canary(pair, candidate, request)
+            else:
+                outputs = await self._shadowed(pair, candidate, request, shadow=bucket < pair.shadow_percent * 100)
+        except ShadowServeError as exc:
+            pair.metrics.request(exc.code.name, served_by)
+            raise
+        pair.metrics.request("OK", served_by)
+        return outputs
+
+    async def _shadowed(self, pair: ModelPair, candidate: Backend | None, request: InferRequest, shadow: bool) -> Outputs:
+        legacy_result = self._start_shadow(pair, candidate, request) if shadow else None
+        if not shadow and candidate is not None:
+            pair.metrics.skipped["sampled_out"].inc()
+        try:
+            outputs = await self._call_legacy(pair, request)
+        except BaseException:
+            if legacy_result is not None:
+                legacy_result.cancel()
+            raise
+        if legacy_result is not None:
+            legacy_result.set_result(outputs)
+        return outputs
+
+    async def _canary(self, pair: ModelPair, candidate: Backend, request: InferRequest) -> tuple[Outputs, str]:
+        """Answer from the candidate; the legacy runs beside it for comparison and as the fallback."""
+        legacy_task = self._spawn(self._call_legacy(pair, request))
+        try:
+            outputs = await self._call(pair, candidate, "candidate", request.inputs, candidate.config.timeout_s)
+            missing = [name for name in pair.output_names if name not in outputs]
+            if missing:
+                raise BackendError(f"candidate did not return output(s) {missing}")
+        except ShadowServeError as exc:
+            pair.window.candidate_failed()
+            pair.metrics.fallback("timeout" if isinstance(exc, BackendTimeout) else "error")
+            self._notify(pair, None)
+            return await legacy_task, "legacy"
+        legacy_task.add_done_callback(lambda task: self._compare_after_canary(pair, task, outputs))
+        return outputs, "candidate"
+
+    def _compare_after_canary(self, pair: ModelPair, legacy_task: asyncio.Task, candidate_outputs: Outputs) -> None:
+        if not legacy_task.cancelled() and legacy_task.exception() is None:
+            self._schedule_comparison(pair, legacy_task.result(), candidate_outputs)
+
+    def _start_shadow(self, pair: ModelPair, candidate: Backend | None, request: InferRequest) -> asyncio.Future | None:
+        """Start the candidate call now; returns the future the legacy result is handed through."""
+        if candidate is None:
+            return None
+        if not candidate.ready:
+            pair.metrics.skipped["error"].inc()
+            return None
+        if self.shadow_in_flight >= self.max_shadow_in_flight:
+            pair.metrics.skipped["saturated"].inc()
+            return None
+        legacy_result = asyncio.get_running_loop().create_future()
+        self.shadow_in_flight += 1
+        pair.metrics.in_flight.inc()
+        self._spawn(self._shadow(pair, candidate, request, legacy_result))
+        return legacy_result
+
+    async def _shadow(self, pair: ModelPair, candidate: Backend, request: InferRequest, legacy_result: asyncio.Future) -> None:
+        try:
+            try:
+                outputs = await self._call(pair, candidate, "candidate", request.inputs, candidate.config.timeout_s)
+            except ShadowServeError as exc:
+                pair.metrics.skipped["timeout" if isinstance(exc, BackendTimeout) else "error"].inc()
+                pair.window.candidate_failed()
+                self._notify(pair, None)
+                return
+            try:
+                legacy_outputs = await legacy_result
+            except asyncio.CancelledError:
+                return  # the legacy failed: the client got its error, there is nothing to compare
+        finally:
+            self.shadow_in_flight -= 1
+            pair.metrics.in_flight.dec()
+        self._schedule_comparison(pair, legacy_outputs, outputs)
+
+    async def _call_legacy(self, pair: ModelPair, request: InferRequest) -> Outputs:
+        timeout = pair.legacy.config.timeout_s
+        if request.deadline_s is not None:
+            timeout = min(timeout, max(request.deadline_s, 0.001))
+        outputs = await self._call(pair, pair.legacy, "legacy", request.inputs, timeout)
+        missing = [name for name in pair.output_names if name not in outputs]
+        if missing:
+            pair.metrics.backend_error("legacy", "INTERNAL")
+            raise BackendError(f"legacy backend of {pair.name!r} did not return output(s) {missing}")
+        return outputs
+
+    async def _call(self, pair: ModelPair, backend: Backend, role: str, inputs: Outputs, timeout_s: float) -> Outputs:
+        start = time.perf_counter()
+        try:
+            return await backend.infer(inputs, timeout_s)
+        except ShadowServeError as exc:
+            pair.metrics.backend_error(role, exc.code.name)
+            raise
+        except Exception as exc:  # an adapter bug must still be a counted, typed failure
+            log.exception("model %s: %s backend raised", pair.name, role)
+            pair.metrics.backend_error(role, "INTERNAL")
+            raise BackendError(f"{role} backend failed: {type(exc).__name__}") from exc
+        finally:
+            elapsed = time.perf_counter() - start
+            pair.metrics.latency[role].observe(elapsed)
+            pair.window.latency(role, elapsed)
+
+    # -- comparison, after the reply -------------------------------------------------------
+
+    def _schedule_comparison(self, pair: ModelPair, legacy: Outputs, candidate: Outputs) -> None:
+        size = sum(array.size for array in legacy.values())
+        if size <= INLINE_COMPARE_MAX_ELEMENTS:
+            self._record(pair, self._compare(pair, legacy, candidate))
+            return
+        if self.comparisons_queued >= self.max_comparisons_queued:
+            pair.metrics.skipped["saturated"].inc()
+            return
+        self.comparisons_queued += 1
+        future = asyncio.get_running_loop().run_in_executor(self._compare_pool, self._compare, pair, legacy, candidate)
+        future.add_done_callback(lambda done: self._compared_in_thread(pair, done))
+
+    def _compared_in_thread(self, pair: ModelPair, done: asyncio.Future) -> None:
+        self.comparisons_queued -= 1
+        if not done.cancelled():
+            self._record(pair, done.result())
+
+    @staticmethod
+    def _compare(pair: ModelPair, legacy: Outputs, candidate: Outputs) -> Comparison:
+        config = pair.config
+        return compare(legacy, candidate, pair.output_names, pair.class_score_outputs, config.atol, config.rtol, config.top_k)
+
+    def _record(self, pair: ModelPair, comparison: Comparison) -> None:
+        pair.metrics.comparison(comparison)
+        pair.window.compared(comparison)
+        if comparison.detail:
+            log.debug("model %s: %s", pair.name, comparison.detail)
+        self._notify(pair, comparison)
+
+    def _notify(self, pair: ModelPair, comparison: Comparison | None) -> None:
+        for listener in self.comparison_listeners:
+            listener(pair, comparison)

@@ -1,0 +1,284 @@
+"""The KServe v2 gRPC front: protobuf <-> internal types and status mapping, nothing else."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import time
+from typing import Any, Awaitable, Callable
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from tritonclient.grpc import model_config_pb2 as mc
+from tritonclient.grpc import service_pb2 as pb
+from tritonclient.grpc import service_pb2_grpc
+
+from server import __version__
+from server.codec import decode_inputs, encode_response, requested_outputs
+from server.dispatch import Dispatcher, ModelPair
+from server.errors import ModelNotFound, ShadowServeError
+from server.tensors import InferRequest
+
+log = logging.getLogger("shadowserve.front")
+
+MODEL_VERSION = "1"
+STREAM_MAX_IN_FLIGHT = 128  # requests of one stream processed at once; reading pauses beyond
+
+
+class StatusInterceptor(grpc.aio.ServerInterceptor):
+    """Maps the product's exceptions to gRPC statuses for every RPC; hides everything else."""
+
+    def __init__(self) -> None:
+        self._wrapped: dict[str, grpc.RpcMethodHandler] = {}
+
+    async def intercept_service(self, continuation, handler_call_details):
+        method = handler_call_details.method
+        wrapped = self._wrapped.get(method)
+        if wrapped is None:
+            handler = await continuation(handler_call_details)
+            if handler is None:
+                return None
+            wrapped = self._wrapped[method] = self._wrap(handler)
+        return wrapped
+
+    @staticmethod
+    def _wrap(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        if handler.unary_unary is not None:
+            behaviour = handler.unary_unary
+
+            async def unary(request, context):
+                try:
+                    return await behaviour(request, context)
+                except ShadowServeError as exc:
+                    await context.abort(exc.code, str(exc))
+                except Exception:
+                    log.exception("unhandled error in %s", behaviour.__name__)
+                    await context.abort(grpc.StatusCode.INTERNAL, "Internal server error")
+
+            return grpc.unary_unary_rpc_method_handler(
+                unary, handler.request_deserializer, handler.response_serializer
+            )
+        if handler.stream_stream is not None:
+            stream_behaviour = handler.stream_stream
+
+            async def stream(request_iterator, context):
+                try:
+                    return await stream_behaviour(request_iterator, context)
+                except ShadowServeError as exc:
+                    await context.abort(exc.code, str(exc))
+                except Exception:
+                    log.exception("unhandled error in %s", stream_behaviour.__name__)
+                    await context.abort(grpc.StatusCode.INTERNAL, "Internal server error")
+
+            return grpc.stream_stream_rpc_method_handler(
+                stream, handler.request_deserializer, handler.response_serializer
+            )
+        return handler
+
+
+@dataclasses.dataclass
+class _Statistics:
+    success_count: int = 0
+    success_ns: int = 0
+    fail_count: int = 0
+    fail_ns: int = 0
+    last_inference_ms: int = 0
+
+
+_DATA_TYPE = {name: mc.DataType.Value(f"TYPE_{name}") for name in
+              ("BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64", "FP16", "FP32", "FP64")}
+
+
+class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
+    """`inference.GRPCInferenceService`, the protocol Triton speaks, in front of the dispatcher."""
+
+    def __init__(self, dispatcher: Dispatcher) -> None:
+        self.dispatcher = dispatcher
+        self._statistics = {name: _Statistics() for name in dispatcher.pairs}
+
+    # -- health and metadata ----------------------------------------------------------------
+
+    async def ServerLive(self, request, context):
+        return pb.ServerLiveResponse(live=True)
+
+    async def ServerReady(self, request, context):
+        return pb.ServerReadyResponse(ready=all(pair.ready for pair in self.dispatcher.pairs.values()))
+
+    async def ServerMetadata(self, request, context):
+        return pb.ServerMetadataResponse(name="shadowserve", version=__version__, extensions=[])
+
+    def _pair(self, name: str, version: str) -> ModelPair:
+        pair = self.dispatcher.pair(name)
+        if version not in ("", MODEL_VERSION):
+            raise ModelNotFound(f"model {name!r} has no version {version!r}; it serves version {MODEL_VERSION!r}")
+        return pair
+
+    async def ModelReady(self, request, context):
+        return pb.ModelReadyResponse(ready=self._pair(request.name, request.version).ready)
+
+    async def ModelMetadata(self, request, context):
+        pair = self._pair(request.name, request.version)
+        tensor = pb.ModelMetadataResponse.TensorMetadata
+        return pb.ModelMetadataResponse(
+            name=pair.name,
+            versions=[MODEL_VERSION],
+            platform=f"shadowserve ({describe_pair(pair)})",
+            inputs=[tensor(name=t.name, datatype=t.datatype, shape=t.shape) for t in pair.config.inputs],
+            outputs=[tensor(name=t.name, datatype=t.datatype, shape=t.shape) for t in pair.config.outputs],
+        )
+
+    async def ModelConfig(self, request, context):
+        pair = self._pair(request.name, request.version)
+        config = mc.ModelConfig(
+            name=pair.name,
+            platform="shadowserve",
+            max_batch_size=0,
+            input=[mc.ModelInput(name=t.name, data_type=_DATA_TYPE[t.datatype], dims=t.shape) for t in pair.config.inputs],
+            output=[mc.ModelOutput(name=t.name, data_type=_DATA_TYPE[t.datatype], dims=t.shape) for t in pair.config.outputs],
+        )
+        for key, value in pair_parameters(pair).items():
+            config.parameters[key].string_value = value
+        return pb.ModelConfigResponse(config=config)
+
+    async def ModelStatistics(self, request, context):
+        names = [request.name] if request.name else list(self.dispatcher.pairs)
+        response = pb.ModelStatisticsResponse()
+        for name in names:
+            pair = self._pair(name, request.version)
+            stats = self._statistics[pair.name]
+            model = response.model_stats.add(
+                name=pair.name,
+                version=MODEL_VERSION,
+                last_inference=stats.last_inference_ms,
+                inference_count=stats.success_count,
+                execution_count=stats.success_count,
+            )
+            model.inference_stats.success.count = stats.success_count
+            model.inference_stats.success.ns = stats.success_ns
+            model.inference_stats.fail.count = stats.fail_count
+            model.inference_stats.fail.ns = stats.fail_ns
+        return response
+
+    # -- inference ----------------------------------------------------------------------------
+
+    async def ModelInfer(self, request, context):
+        return await self._infer(request, context.time_remaining())
+
+    async def _infer(self, request: pb.ModelInferRequest, deadline_s: float | None) -> pb.ModelInferResponse:
+        start = time.perf_counter_ns()
+        pair = self._pair(request.model_name, request.model_version)
+        stats = self._statistics[pair.name]
+        try:
+            try:
+                inputs = decode_inputs(request, pair.inputs)
+                requested = requested_outputs(request, pair.output_names)
+            except ShadowServeError as exc:
+                pair.metrics.request(exc.code.name, "legacy")
+                raise
+            key = request.parameters.get(pair.config.routing_parameter)
+            outputs = await self.dispatcher.infer(
+                pair,
+                InferRequest(
+                    model=pair.name,
+                    inputs=inputs,
+                    id=request.id,
+                    routing_key=_parameter_text(key) if key is not None else None,
+                    requested_outputs=requested,
+                    deadline_s=deadline_s,
+                ),
+            )
+        except BaseException:
+            stats.fail_count += 1
+            stats.fail_ns += time.perf_counter_ns() - start
+            raise
+        stats.success_count += 1
+        stats.success_ns += time.perf_counter_ns() - start
+        stats.last_inference_ms = time.time_ns() // 1_000_000
+        return encode_response(pair.name, MODEL_VERSION, request, outputs, requested)
+
+    async def ModelStreamInfer(self, request_iterator, context):
+        """Requests of one stream run concurrently; each response carries its request's id."""
+        slots = asyncio.Semaphore(STREAM_MAX_IN_FLIGHT)
+        write_lock = asyncio.Lock()
+        tasks: set[asyncio.Task] = set()
+
+        async def answer(request: pb.ModelInferRequest) -> None:
+            try:
+                try:
+                    response = pb.ModelStreamInferResponse(infer_response=await self._infer(request, None))
+                except ShadowServeError as exc:
+                    response = pb.ModelStreamInferResponse(
+                        error_message=str(exc),
+                        infer_response=pb.ModelInferResponse(
+                            model_name=request.model_name, model_version=request.model_version, id=request.id
+                        ),
+                    )
+                async with write_lock:
+                    await context.write(response)
+            finally:
+                slots.release()
+
+        try:
+            while (request := await context.read()) is not grpc.aio.EOF:
+                await slots.acquire()
+                task = asyncio.get_running_loop().create_task(answer(request))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+            await asyncio.gather(*tasks)
+        finally:
+            for task in tasks:
+                task.cancel()
+
+
+def _parameter_text(parameter: pb.InferParameter) -> str:
+    kind = parameter.WhichOneof("parameter_choice")
+    return str(getattr(parameter, kind)) if kind else ""
+
+
+def pair_parameters(pair: ModelPair) -> dict[str, str]:
+    """What really runs behind a pair, as ModelConfig parameters operators can read."""
+    params = {f"legacy_{key}": value for key, value in pair.legacy.describe().items()}
+    if pair.candidate is not None:
+        params.update({f"candidate_{key}": value for key, value in pair.candidate.describe().items()})
+    params.update(stage=pair.stage, shadow_percent=f"{pair.shadow_percent:g}", serve_percent=f"{pair.serve_percent:g}")
+    return params
+
+
+def describe_pair(pair: ModelPair) -> str:
+    def side(backend) -> str:
+        facts = backend.describe()
+        return "/".join([facts.get("runtime", "?"), *(v for k, v in facts.items() if k == "executor")])
+
+    text = f"legacy={side(pair.legacy)}"
+    return text + (f", candidate={side(pair.candidate)}" if pair.candidate is not None else "")
+
+
+async def start_grpc_server(
+    dispatcher: Dispatcher, listen: str, max_message_bytes: int
+) -> tuple[grpc.aio.Server, int, health.aio.HealthServicer]:
+    """Start the front on `listen` (port 0 picks a free port); returns the server and bound port."""
+    server = grpc.aio.server(
+        interceptors=[StatusInterceptor()],
+        options=[
+            ("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.max_send_message_length", max_message_bytes),
+            ("grpc.so_reuseport", 1),
+        ],
+    )
+    service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(dispatcher), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    port = server.add_insecure_port(listen)
+    if port == 0:
+        raise OSError(f"cannot bind the gRPC front to {listen}")
+    await server.start()
+    return server, port, health_servicer
+
+
+async def update_health(health_servicer: Any, dispatcher: Dispatcher) -> None:
+    serving, not_serving = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
+    for pair in dispatcher.pairs.values():
+        await health_servicer.set(pair.name, serving if pair.ready else not_serving)
+    all_ready = all(pair.ready for pair in dispatcher.pairs.values())
+    await health_servicer.set("", serving if all_ready else not_serving)

@@ -1,0 +1,140 @@
+"""Every Prometheus metric the gateway exports, defined here and nowhere else.
+
+Names and labels are a contract with the dashboards and alerts in `dashboards/` and `deploy/`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from server.compare import MATCH, MEASURES, MISMATCH, SHAPE_MISMATCH, Comparison
+
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0)
+DIVERGENCE_BUCKETS = (1e-7, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 0.1, 1.0, 10.0)
+ROLES = ("legacy", "candidate")
+VERDICTS = (MATCH, MISMATCH, SHAPE_MISMATCH)
+SKIP_REASONS = ("sampled_out", "saturated", "timeout", "error")
+STAGES = ("off", "shadow", "canary", "cutover", "rolled_back")
+ROLLBACK_REASONS = ("manual", "mismatch_rate", "top1_agreement", "error_rate", "latency")
+
+
+class Metrics:
+    """The gateway's metric families, registered in `registry` (a fresh one per test)."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        self.requests = Counter(
+            "shadowserve_requests_total", "Inference requests answered, by gRPC status code name.",
+            ["model", "code", "served_by"], registry=registry)
+        self.backend_latency = Histogram(
+            "shadowserve_backend_latency_seconds", "Latency of one backend call.",
+            ["model", "role"], buckets=LATENCY_BUCKETS, registry=registry)
+        self.backend_errors = Counter(
+            "shadowserve_backend_errors_total", "Backend calls that failed, by gRPC status code name.",
+            ["model", "role", "code"], registry=registry)
+        self.comparisons = Counter(
+            "shadowserve_comparisons_total", "Legacy/candidate answer pairs compared, by verdict.",
+            ["model", "verdict"], registry=registry)
+        self.divergence = Histogram(
+            "shadowserve_divergence", "Divergence of the candidate output from the legacy output.",
+            ["model", "output", "measure"], buckets=DIVERGENCE_BUCKETS, registry=registry)
+        self.top1_agreement = Counter(
+            "shadowserve_top1_agreement_total", "Rows of class-score outputs whose top-1 class agrees.",
+            ["model", "output", "agree"], registry=registry)
+        self.topk_overlap = Histogram(
+            "shadowserve_topk_overlap_ratio", "Share of the legacy top-k classes found in the candidate top-k.",
+            ["model", "output"], buckets=(0.2, 0.4, 0.6, 0.8, 0.99, 1.0), registry=registry)
+        self.shadow_skipped = Counter(
+            "shadowserve_shadow_skipped_total", "Requests not compared, by reason.",
+            ["model", "reason"], registry=registry)
+        self.shadow_in_flight = Gauge(
+            "shadowserve_shadow_in_flight", "Shadow calls running now.", ["model"],
+            registry=registry, multiprocess_mode="livesum")
+        self.shadow_percent = Gauge(
+            "shadowserve_shadow_percent", "Share of requests also sent to the shadow side.", ["model"],
+            registry=registry, multiprocess_mode="mostrecent")
+        self.serve_percent = Gauge(
+            "shadowserve_serve_percent", "Share of requests answered by the candidate.", ["model"],
+            registry=registry, multiprocess_mode="mostrecent")
+        self.stage = Gauge(
+            "shadowserve_stage", "Rollout stage of a model pair (1 for the current stage).", ["model", "stage"],
+            registry=registry, multiprocess_mode="mostrecent")
+        self.fallbacks = Counter(
+            "shadowserve_fallbacks_total", "Candidate-served requests answered by the legacy instead.",
+            ["model", "reason"], registry=registry)
+        self.rollbacks = Counter(
+            "shadowserve_rollbacks_total", "Rollbacks of the candidate, by reason.",
+            ["model", "reason"], registry=registry)
+        self.config_reloads = Counter(
+            "shadowserve_config_reloads_total", "Config file reloads, by result.", ["result"], registry=registry)
+
+    def for_model(self, model: str, outputs: Iterable[str], class_score_outputs: Iterable[str] = ()) -> "ModelMetrics":
+        return ModelMetrics(self, model, tuple(outputs), tuple(class_score_outputs))
+
+
+class ModelMetrics:
+    """The metric children of one model pair, bound once so the hot path only increments."""
+
+    def __init__(self, metrics: Metrics, model: str, outputs: tuple[str, ...], class_score_outputs: tuple[str, ...]):
+        self.model = model
+        self._metrics = metrics
+        self.latency = {role: metrics.backend_latency.labels(model, role) for role in ROLES}
+        self.comparisons = {verdict: metrics.comparisons.labels(model, verdict) for verdict in VERDICTS}
+        self.skipped = {reason: metrics.shadow_skipped.labels(model, reason) for reason in SKIP_REASONS}
+        self.divergence = {
+            (output, measure): metrics.divergence.labels(model, output, measure)
+            for output in outputs for measure in MEASURES
+        }
+        self.top1 = {
+            (output, agree): metrics.top1_agreement.labels(model, output, agree)
+            for output in class_score_outputs for agree in ("true", "false")
+        }
+        self.topk = {output: metrics.topk_overlap.labels(model, output) for output in class_score_outputs}
+        self.in_flight = metrics.shadow_in_flight.labels(model)
+        self.shadow_percent = metrics.shadow_percent.labels(model)
+        self.serve_percent = metrics.serve_percent.labels(model)
+        self._requests: dict[tuple[str, str], Counter] = {}
+        self._errors: dict[tuple[str, str], Counter] = {}
+        for served_by in ROLES:
+            self._request_child("OK", served_by)
+
+    def _request_child(self, code: str, served_by: str) -> Counter:
+        child = self._requests.get((code, served_by))
+        if child is None:
+            child = self._requests[(code, served_by)] = self._metrics.requests.labels(self.model, code, served_by)
+        return child
+
+    def request(self, code: str, served_by: str) -> None:
+        self._request_child(code, served_by).inc()
+
+    def backend_error(self, role: str, code: str) -> None:
+        child = self._errors.get((role, code))
+        if child is None:
+            child = self._errors[(role, code)] = self._metrics.backend_errors.labels(self.model, role, code)
+        child.inc()
+
+    def comparison(self, comparison: Comparison) -> None:
+        self.comparisons[comparison.verdict].inc()
+        for output, result in comparison.outputs.items():
+            for measure, value in result.measures().items():
+                if math.isfinite(value):  # a NaN/inf would poison the histogram sum for good
+                    self.divergence[(output, measure)].observe(value)
+            if result.top1_total:
+                self.top1[(output, "true")].inc(result.top1_agree)
+                self.top1[(output, "false")].inc(result.top1_total - result.top1_agree)
+                self.topk[output].observe(result.topk_overlap)
+
+    def stage(self, current: str, shadow_percent: float, serve_percent: float) -> None:
+        self.shadow_percent.set(shadow_percent)
+        self.serve_percent.set(serve_percent)
+        for stage in STAGES:
+            self._metrics.stage.labels(self.model, stage).set(1 if stage == current else 0)
+
+    def fallback(self, reason: str) -> None:
+        self._metrics.fallbacks.labels(self.model, reason).inc()
+
+    def rollback(self, reason: str) -> None:
+        self._metrics.rollbacks.labels(self.model, reason).inc()
