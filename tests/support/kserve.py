@@ -1,0 +1,82 @@
+"""A real KServe v2 gRPC model server whose behaviour a test scripts: compute time, errors, shapes.
+
+It stands in for a legacy service or a candidate Triton deployment over real gRPC on loopback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from typing import Callable
+
+import grpc
+import numpy as np
+from tritonclient.grpc import service_pb2 as pb
+from tritonclient.grpc import service_pb2_grpc
+
+from server.codec import decode_outputs, encode_response
+from server.tensors import V2_TO_NUMPY
+
+Transform = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
+
+
+def scale_by(factor: float, output: str = "y", source: str = "x") -> Transform:
+    return lambda inputs: {output: (inputs[source] * np.float32(factor)).astype(inputs[source].dtype)}
+
+
+@dataclasses.dataclass
+class Behaviour:
+    """What the server does per request; tests change fields while it runs."""
+
+    transform: Transform = dataclasses.field(default_factory=lambda: scale_by(2.0))
+    delay_s: float = 0.0
+    busy: bool = False  # burn CPU for delay_s instead of sleeping
+    fail_with: grpc.StatusCode | None = None
+    calls: int = 0
+
+
+class ScriptedModelServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
+    def __init__(self, model: str, behaviour: Behaviour) -> None:
+        self.model, self.behaviour = model, behaviour
+
+    async def ServerLive(self, request, context):
+        return pb.ServerLiveResponse(live=True)
+
+    async def ServerReady(self, request, context):
+        return pb.ServerReadyResponse(ready=True)
+
+    async def ModelReady(self, request, context):
+        return pb.ModelReadyResponse(ready=request.name == self.model)
+
+    async def ModelInfer(self, request, context):
+        behaviour = self.behaviour
+        behaviour.calls += 1
+        if request.model_name != self.model:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"no model {request.model_name}")
+        if behaviour.delay_s:
+            if behaviour.busy:
+                end = asyncio.get_running_loop().time() + behaviour.delay_s
+                while asyncio.get_running_loop().time() < end:
+                    pass
+            else:
+                await asyncio.sleep(behaviour.delay_s)
+        if behaviour.fail_with is not None:
+            await context.abort(behaviour.fail_with, "scripted failure")
+        inputs = {
+            tensor.name: np.frombuffer(raw, V2_TO_NUMPY[tensor.datatype]).reshape(tensor.shape)
+            for tensor, raw in zip(request.inputs, request.raw_input_contents)
+        }
+        return encode_response(self.model, "1", request, behaviour.transform(inputs))
+
+
+async def start_model_server(model: str, behaviour: Behaviour | None = None) -> tuple[grpc.aio.Server, str, Behaviour]:
+    behaviour = behaviour or Behaviour()
+    server = grpc.aio.server(options=[("grpc.max_receive_message_length", 512 << 20),
+                                      ("grpc.max_send_message_length", 512 << 20)])
+    service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(ScriptedModelServicer(model, behaviour), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    return server, f"127.0.0.1:{port}", behaviour
+
+
+__all__ = ["Behaviour", "scale_by", "start_model_server", "decode_outputs"]
