@@ -1,0 +1,49 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from server.compare import MATCH, MISMATCH, SHAPE_MISMATCH, compare, divergence
+
+
+def test_measures_on_known_values():
+    legacy = np.array([[3.0, 4.0]], np.float32)
+    candidate = np.array([[3.0, 4.5]], np.float32)
+    result = divergence(legacy, candidate, atol=0.1, rtol=0.0)
+    assert result.max_abs == pytest.approx(0.5)
+    assert result.mean_abs == pytest.approx(0.25)
+    assert result.rel_l2 == pytest.approx(0.5 / 5.0)
+    cosine = 1 - (9 + 18) / (5.0 * np.hypot(3, 4.5))
+    assert result.cosine == pytest.approx(cosine)
+    assert not result.within_tolerance
+    assert divergence(legacy, candidate, atol=0.0, rtol=0.13).within_tolerance  # 0.5 <= 0.13 * 4
+
+
+def test_top1_and_topk_per_row():
+    legacy = np.array([[0.1, 0.7, 0.2, 0.0], [0.6, 0.3, 0.05, 0.05]], np.float32)
+    candidate = np.array([[0.1, 0.2, 0.7, 0.0], [0.6, 0.3, 0.06, 0.04]], np.float32)
+    result = divergence(legacy, candidate, atol=1e-6, rtol=0, class_scores=True, top_k=2)
+    assert (result.top1_agree, result.top1_total) == (1, 2)
+    assert result.topk_overlap == pytest.approx(1.0)  # row 0: {1,2} vs {2,1}; row 1: {0,1} vs {0,1}
+    result = divergence(legacy, candidate, atol=1e-6, rtol=0, class_scores=True, top_k=1)
+    assert result.topk_overlap == pytest.approx(0.5)
+
+
+def test_verdicts():
+    a = {"y": np.ones((2, 3), np.float32)}
+    assert compare(a, {"y": a["y"] + 1e-7}, ["y"]).verdict == MATCH
+    assert compare(a, {"y": a["y"] + 1e-2}, ["y"]).verdict == MISMATCH
+    assert compare(a, {"y": np.ones((3, 2), np.float32)}, ["y"]).verdict == SHAPE_MISMATCH
+    assert compare(a, {"y": np.ones((2, 3), np.float64)}, ["y"]).verdict == SHAPE_MISMATCH
+    missing = compare(a, {}, ["y"])
+    assert missing.verdict == SHAPE_MISMATCH and "did not return output 'y'" in missing.detail
+    nan = compare(a, {"y": np.full((2, 3), np.nan, np.float32)}, ["y"])
+    assert nan.verdict == MISMATCH
+
+
+def test_worst_output_decides():
+    legacy = {"a": np.zeros(4, np.float32), "b": np.zeros(4, np.float32)}
+    candidate = {"a": np.zeros(4, np.float32), "b": np.full(4, 1.0, np.float32)}
+    result = compare(legacy, candidate, ["a", "b"])
+    assert result.verdict == MISMATCH
+    assert result.outputs["a"].within_tolerance and not result.outputs["b"].within_tolerance

@@ -1,0 +1,135 @@
+"""The golden rule: a slow, failing or garbage-returning candidate never changes the legacy answer."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import grpc
+import numpy as np
+import pytest
+import tritonclient.grpc.aio as triton_aio
+from tritonclient.utils import InferenceServerException
+
+from tests.conftest import running_gateway, sample
+from tests.server.test_end_to_end import wait_for
+from tests.support.kserve import Behaviour, scale_by, start_model_server
+
+PAIR_TENSORS = {
+    "inputs": [{"name": "x", "datatype": "FP32", "shape": [-1, 4]}],
+    "outputs": [{"name": "y", "datatype": "FP32", "shape": [-1, 4]}],
+}
+
+
+def remote(url: str, timeout_s: float = 2.0) -> dict:
+    return {"runtime": "remote", "url": url, "model": "m", "timeout_s": timeout_s}
+
+
+@pytest.fixture
+async def backends():
+    """A real legacy KServe server (y = 2x) and a candidate whose behaviour each test scripts."""
+    legacy_server, legacy_url, legacy = await start_model_server("m", Behaviour(scale_by(2.0)))
+    candidate_server, candidate_url, candidate = await start_model_server("m", Behaviour(scale_by(2.0)))
+    yield legacy_url, legacy, candidate_url, candidate
+    await legacy_server.stop(0)
+    await candidate_server.stop(0)
+
+
+def config(legacy_url: str, candidate_url: str, candidate_timeout_s: float = 2.0, **extra) -> dict:
+    server = extra.pop("server", {})
+    pair = {"name": "m", **PAIR_TENSORS, "legacy": remote(legacy_url), "candidate": remote(candidate_url, candidate_timeout_s),
+            "shadow_percent": 100, **extra}
+    return {"models": [pair], "server": server}
+
+
+async def infer(client, x: np.ndarray) -> np.ndarray:
+    tensor = triton_aio.InferInput("x", list(x.shape), "FP32")
+    tensor.set_data_from_numpy(x)
+    return (await client.infer("m", [tensor])).as_numpy("y")
+
+
+X = np.arange(8, dtype=np.float32).reshape(2, 4)
+
+
+async def test_failing_candidate_is_counted_and_invisible(backends):
+    legacy_url, _, candidate_url, candidate = backends
+    candidate.fail_with = grpc.StatusCode.RESOURCE_EXHAUSTED
+    async with running_gateway(config(legacy_url, candidate_url)) as gateway:
+        async with triton_aio.InferenceServerClient(f"127.0.0.1:{gateway.grpc_port}") as client:
+            for _ in range(5):
+                assert np.array_equal(await infer(client, X), X * 2)
+        registry = gateway.registry
+        await wait_for(lambda: sample(registry, "shadowserve_shadow_skipped_total", model="m", reason="error") == 5)
+        assert sample(registry, "shadowserve_backend_errors_total", model="m", role="candidate", code="RESOURCE_EXHAUSTED") == 5
+        assert sample(registry, "shadowserve_requests_total", model="m", code="OK", served_by="legacy") == 5
+        assert sample(registry, "shadowserve_comparisons_total", model="m", verdict="match") == 0
+
+
+async def test_wrong_shape_candidate_is_a_shape_mismatch(backends):
+    legacy_url, _, candidate_url, candidate = backends
+    candidate.transform = lambda inputs: {"y": np.zeros((2, 5), np.float32)}
+    async with running_gateway(config(legacy_url, candidate_url)) as gateway:
+        async with triton_aio.InferenceServerClient(f"127.0.0.1:{gateway.grpc_port}") as client:
+            for _ in range(3):
+                assert np.array_equal(await infer(client, X), X * 2)
+        registry = gateway.registry
+        await wait_for(lambda: sample(registry, "shadowserve_comparisons_total", model="m", verdict="shape_mismatch") == 3)
+        assert sample(registry, "shadowserve_comparisons_total", model="m", verdict="match") == 0
+
+
+async def test_garbage_candidate_is_a_mismatch(backends):
+    legacy_url, _, candidate_url, candidate = backends
+    candidate.transform = lambda inputs: {"y": np.full((2, 4), np.nan, np.float32)}
+    async with running_gateway(config(legacy_url, candidate_url)) as gateway:
+        async with triton_aio.InferenceServerClient(f"127.0.0.1:{gateway.grpc_port}") as client:
+            assert np.array_equal(await infer(client, X), X * 2)
+        registry = gateway.registry
+        await wait_for(lambda: sample(registry, "shadowserve_comparisons_total", model="m", verdict="mismatch") == 1)
+
+
+async def test_slow_candidate_neither_delays_the_answer_nor_queues_without_bound(backends):
+    legacy_url, legacy, candidate_url, candidate = backends
+    legacy.delay_s = 0.005
+    candidate.delay_s = 1.0  # well past its 0.2 s timeout
+    async with running_gateway(config(legacy_url, candidate_url, candidate_timeout_s=0.2,
+                                      server={"max_shadow_in_flight": 4})) as gateway:
+        async with triton_aio.InferenceServerClient(f"127.0.0.1:{gateway.grpc_port}") as client:
+            latencies = []
+            for _ in range(12):
+                start = time.perf_counter()
+                assert np.array_equal(await infer(client, X), X * 2)
+                latencies.append(time.perf_counter() - start)
+        # The legacy takes 5 ms; a candidate stall of 1 s must not show up in the answer's latency.
+        assert max(latencies) < 0.15, latencies
+        registry = gateway.registry
+        skipped = lambda reason: sample(registry, "shadowserve_shadow_skipped_total", model="m", reason=reason)  # noqa: E731
+        await wait_for(lambda: skipped("timeout") + skipped("saturated") == 12)
+        assert skipped("saturated") >= 1 and skipped("timeout") >= 1  # at most 4 shadow calls in flight: the rest were skipped, not queued
+        assert sample(registry, "shadowserve_backend_errors_total", model="m", role="candidate", code="DEADLINE_EXCEEDED") >= 1
+        assert gateway.dispatcher.shadow_in_flight <= 4
+
+
+async def test_legacy_failure_returns_the_legacy_status(backends):
+    legacy_url, legacy, candidate_url, _ = backends
+    legacy.fail_with = grpc.StatusCode.UNAVAILABLE
+    async with running_gateway(config(legacy_url, candidate_url)) as gateway:
+        async with triton_aio.InferenceServerClient(f"127.0.0.1:{gateway.grpc_port}") as client:
+            with pytest.raises(InferenceServerException) as failure:
+                await infer(client, X)
+            assert failure.value.status() == "StatusCode.UNAVAILABLE"
+            assert "scripted failure" in failure.value.message()
+            legacy.fail_with = None
+            assert np.array_equal(await infer(client, X), X * 2)  # still serving
+        registry = gateway.registry
+        assert sample(registry, "shadowserve_requests_total", model="m", code="UNAVAILABLE", served_by="legacy") == 1
+        assert sample(registry, "shadowserve_backend_errors_total", model="m", role="legacy", code="UNAVAILABLE") == 1
+
+
+async def test_sampling_follows_shadow_percent(backends):
+    legacy_url, _, candidate_url, candidate = backends
+    async with running_gateway(config(legacy_url, candidate_url, shadow_percent=0)) as gateway:
+        async with triton_aio.InferenceServerClient(f"127.0.0.1:{gateway.grpc_port}") as client:
+            for _ in range(5):
+                await infer(client, X)
+        assert candidate.calls == 0
+        assert sample(gateway.registry, "shadowserve_shadow_skipped_total", model="m", reason="sampled_out") == 5
