@@ -10,10 +10,15 @@ from typing import Any
 import grpc
 from prometheus_client import CollectorRegistry, start_http_server
 
+from pathlib import Path
+
+from server.admin import start_admin_server
 from server.config import Config
 from server.dispatch import Dispatcher
 from server.grpc_front import start_grpc_server, update_health
 from server.metrics import Metrics
+from server.reload import ConfigWatcher
+from server.rollout import RolloutController
 
 log = logging.getLogger("shadowserve")
 
@@ -28,30 +33,33 @@ def _host_port(listen: str) -> tuple[str, int]:
 class Gateway:
     """One gateway process. `await start()`, then `await stop()`; ports are known after start."""
 
-    def __init__(self, config: Config, registry: CollectorRegistry | None = None, serve_metrics: bool = True):
+    def __init__(self, config: Config, registry: CollectorRegistry | None = None, config_path: Path | None = None):
         self.config = config
         self.registry = registry if registry is not None else CollectorRegistry()
         self.metrics = Metrics(self.registry)
         self.dispatcher = Dispatcher.from_config(config.models, config.server, self.metrics)
-        self.serve_metrics = serve_metrics
-        self.grpc_port = 0
-        self.metrics_port = 0
-        self._server: grpc.aio.Server | None = None
+        self.rollout = RolloutController(self.dispatcher)
+        self.watcher = ConfigWatcher(config_path, config, self.rollout, self.metrics) if config_path else None
+        self.grpc_port = self.metrics_port = self.admin_port = 0
+        self._servers: list[grpc.aio.Server] = []
         self._http: Any = None
-        self._health_task: asyncio.Task | None = None
+        self._tasks: list[asyncio.Task] = []
 
     async def start(self) -> None:
         server = self.config.server
         await self.dispatcher.start()
-        self._server, self.grpc_port, health = await start_grpc_server(
-            self.dispatcher, server.grpc_listen, server.max_message_bytes
-        )
-        self._health_task = asyncio.get_running_loop().create_task(self._refresh_health(health))
-        if self.serve_metrics:
-            host, port = _host_port(server.metrics_listen)
-            self._http, thread = start_http_server(port, host, registry=self.registry)
-            self.metrics_port = self._http.server_port
-        log.info("serving %s on gRPC port %d, metrics port %d", sorted(self.dispatcher.pairs), self.grpc_port, self.metrics_port)
+        front, self.grpc_port, health = await start_grpc_server(self.dispatcher, server.grpc_listen, server.max_message_bytes)
+        admin, self.admin_port = await start_admin_server(self.rollout, server.admin_listen, server.admin_allow_remote)
+        self._servers = [front, admin]
+        loop = asyncio.get_running_loop()
+        self._tasks.append(loop.create_task(self._refresh_health(health)))
+        if self.watcher is not None:
+            self._tasks.append(loop.create_task(self.watcher.run(server.config_poll_s)))
+        host, port = _host_port(server.metrics_listen)
+        self._http, _ = start_http_server(port, host, registry=self.registry)
+        self.metrics_port = self._http.server_port
+        log.info("serving %s: gRPC port %d, metrics port %d, admin port %d",
+                 sorted(self.dispatcher.pairs), self.grpc_port, self.metrics_port, self.admin_port)
 
     async def _refresh_health(self, health: Any) -> None:
         while True:
@@ -59,10 +67,9 @@ class Gateway:
             await asyncio.sleep(HEALTH_REFRESH_S)
 
     async def stop(self, grace_s: float = 5.0) -> None:
-        if self._health_task is not None:
-            self._health_task.cancel()
-        if self._server is not None:
-            await self._server.stop(grace_s)
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*(server.stop(grace_s) for server in self._servers))
         await self.dispatcher.close()
         if self._http is not None:
             self._http.shutdown()

@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import logging
 import sys
+from pathlib import Path
 
 from server.errors import ConfigError
 
@@ -15,7 +16,7 @@ def _serve(args: argparse.Namespace) -> int:
     from server.config import load_config
 
     config = load_config(args.config)
-    asyncio.run(Gateway(config).serve_forever())
+    asyncio.run(Gateway(config, config_path=Path(args.config)).serve_forever())
     return 0
 
 
@@ -40,6 +41,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--serve", action="store_true", help="keep serving after the summary until Ctrl-C")
     demo.add_argument("--workdir", default=None, help="where model files go (default: a temporary folder)")
     demo.set_defaults(run=_demo)
+
+    from server.ctl import add_parser as add_ctl
+
+    add_ctl(commands)
     return parser
 
 

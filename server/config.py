@@ -164,8 +164,18 @@ class ModelPairConfig(Strict):
     routing_parameter: str = Field(
         "routing_key", description="request parameter hashed to pick a side; else the request id"
     )
+    canary_steps: list[float] = Field(
+        default_factory=lambda: [1.0, 5.0, 25.0, 50.0], description="serve_percent steps `ctl promote` walks through"
+    )
     window: int = Field(1000, ge=10, le=1_000_000, description="recent shadowed requests kept for status and the guard")
     guard: GuardConfig | None = None
+
+    @field_validator("canary_steps")
+    @classmethod
+    def _ascending(cls, steps: list[float]) -> list[float]:
+        if not steps or any(not 0 < step < 100 for step in steps) or steps != sorted(set(steps)):
+            raise ValueError("must be ascending percentages strictly between 0 and 100")
+        return steps
 
     @model_validator(mode="after")
     def _consistent(self) -> "ModelPairConfig":
@@ -192,6 +202,7 @@ class ServerConfig(Strict):
     max_shadow_in_flight: int = Field(64, ge=1, description="shadow calls beyond this are skipped")
     max_comparisons_queued: int = Field(256, ge=1, description="comparisons beyond this are skipped")
     workers: int = Field(1, ge=1, le=64)
+    config_poll_s: float = Field(1.0, gt=0, description="how often the config file is checked for edits")
 
     @model_validator(mode="after")
     def _admin_loopback(self) -> "ServerConfig":

@@ -16,7 +16,7 @@ from typing import Callable, Iterable
 import numpy as np
 
 from adapters.base import Backend
-from server.compare import Comparison, compare
+from server.compare import MISMATCH, Comparison, compare
 from server.config import ModelPairConfig, ServerConfig, TensorConfig
 from server.errors import (
     BackendError,
@@ -176,9 +176,12 @@ class Dispatcher:
                 raise ModelNotReady(f"model {pair.name!r} is not ready: its legacy backend is still loading")
             candidate = pair.candidate
             bucket = routing_bucket(request.routing_key or request.id)
-            if candidate is not None and bucket < pair.serve_percent * 100 and candidate.ready:
-                served_by = "candidate"
-                outputs, served_by = await self._canary(pair, candidate, request)
+            if candidate is not None and bucket < pair.serve_percent * 100:
+                if candidate.ready:
+                    outputs, served_by = await self._canary(pair, candidate, request)
+                else:
+                    pair.metrics.fallback("not_ready")
+                    outputs = await self._shadowed(pair, None, request, shadow=False)
             else:
                 outputs = await self._shadowed(pair, candidate, request, shadow=bucket < pair.shadow_percent * 100)
         except ShadowServeError as exc:
@@ -304,7 +307,10 @@ class Dispatcher:
     @staticmethod
     def _compare(pair: ModelPair, legacy: Outputs, candidate: Outputs) -> Comparison:
         config = pair.config
-        return compare(legacy, candidate, pair.output_names, pair.class_score_outputs, config.atol, config.rtol, config.top_k)
+        try:
+            return compare(legacy, candidate, pair.output_names, pair.class_score_outputs, config.atol, config.rtol, config.top_k)
+        except Exception as exc:  # outputs numpy cannot compare are a mismatch, never a crash
+            return Comparison(MISMATCH, {}, f"outputs could not be compared: {type(exc).__name__}: {exc}")
 
     def _record(self, pair: ModelPair, comparison: Comparison) -> None:
         pair.metrics.comparison(comparison)

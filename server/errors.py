@@ -23,6 +23,10 @@ class ModelNotReady(ShadowServeError):
     code = grpc.StatusCode.UNAVAILABLE
 
 
+class FailedPrecondition(ShadowServeError):
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
 class Unsupported(ShadowServeError):
     code = grpc.StatusCode.UNIMPLEMENTED
 

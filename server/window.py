@@ -37,6 +37,7 @@ class RecentWindow:
 
     def __init__(self, size: int) -> None:
         self.size = size
+        self.outcomes_seen = 0  # ever recorded, so a judge can look only at outcomes after a change
         self._outcomes: collections.deque[str] = collections.deque(maxlen=size)  # verdict | "error"
         self._top1: collections.deque[tuple[int, int]] = collections.deque(maxlen=size)
         self._max_abs: collections.deque[float] = collections.deque(maxlen=size)
@@ -50,9 +51,11 @@ class RecentWindow:
         self._latency[role].append(seconds)
 
     def candidate_failed(self) -> None:
+        self.outcomes_seen += 1
         self._outcomes.append("error")
 
     def compared(self, comparison: Comparison) -> None:
+        self.outcomes_seen += 1
         self._outcomes.append(comparison.verdict)
         agree, total = comparison.top1
         if total:

@@ -24,7 +24,8 @@ async def running_gateway(config: dict[str, Any], base_dir: Path | None = None) 
     """A real gateway on free loopback ports with a fresh metrics registry."""
     config = dict(config)
     config.setdefault("server", {})
-    config["server"] = {"grpc_listen": "127.0.0.1:0", "metrics_listen": "127.0.0.1:0", **config["server"]}
+    ports = {"grpc_listen": "127.0.0.1:0", "metrics_listen": "127.0.0.1:0", "admin_listen": "127.0.0.1:0"}
+    config["server"] = {**ports, **config["server"]}
     gateway = Gateway(parse_config(config, "test config", base_dir), registry=CollectorRegistry())
     await gateway.start()
     try:

@@ -28,7 +28,7 @@ def demo_config(legacy: dict[str, Any], faithful: Path, buggy: Path, window: int
          "shadow_percent": 100, "window": window}
         for (name, _), path in zip(PAIRS, (faithful, buggy))
     ]
-    server = {"grpc_listen": "127.0.0.1:0", "metrics_listen": "127.0.0.1:0"}
+    server = {"grpc_listen": "127.0.0.1:0", "metrics_listen": "127.0.0.1:0", "admin_listen": "127.0.0.1:0"}
     return parse_config({"server": server, "models": models}, "demo defaults")
 
 

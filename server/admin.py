@@ -1,0 +1,80 @@
+"""The admin gRPC service (protos/admin.proto): rollout status and control for operators and `ctl`."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import grpc
+
+from protos import admin_pb2 as pb
+from protos import admin_pb2_grpc
+from server.config import is_loopback
+from server.dispatch import ModelPair
+from server.errors import ConfigError, InvalidRequest
+from server.grpc_front import StatusInterceptor
+from server.rollout import RolloutController
+
+
+def pair_status(pair: ModelPair, last_rollback_reason: str = "") -> pb.PairStatus:
+    summary = pair.window.summary()
+    window = pb.WindowStats(samples=summary.samples)
+    for field, value in (
+        ("match_rate", summary.match_rate),
+        ("top1_agreement", summary.top1_agreement),
+        ("error_rate", summary.error_rate),
+        ("legacy_p99_seconds", summary.latency_p99["legacy"]),
+        ("candidate_p99_seconds", summary.latency_p99["candidate"]),
+    ):
+        if value is not None:
+            setattr(window, field, value)
+    return pb.PairStatus(
+        model=pair.name, stage=pair.stage, shadow_percent=pair.shadow_percent, serve_percent=pair.serve_percent,
+        has_candidate=pair.candidate is not None, window=window, last_rollback_reason=last_rollback_reason,
+    )
+
+
+class AdminServicer(admin_pb2_grpc.ShadowAdminServicer):
+    def __init__(self, controller: RolloutController) -> None:
+        self.controller = controller
+
+    def _status(self, pair: ModelPair) -> pb.PairStatus:
+        return pair_status(pair, self.controller.last_rollback_reason.get(pair.name, ""))
+
+    async def Status(self, request, context):
+        pairs = [self.controller.pair(request.model)] if request.model else list(self.controller.dispatcher.pairs.values())
+        response = pb.StatusResponse(pairs=[self._status(pair) for pair in pairs])
+        if request.include_history:
+            response.history.extend(
+                pb.Change(**dataclasses.asdict(change))
+                for change in self.controller.history
+                if not request.model or change.model == request.model
+            )
+        return response
+
+    async def SetPercentages(self, request, context):
+        if not request.HasField("shadow_percent") and not request.HasField("serve_percent"):
+            raise InvalidRequest("give shadow_percent, serve_percent or both")
+        pair = self.controller.set_percentages(
+            request.model,
+            request.shadow_percent if request.HasField("shadow_percent") else None,
+            request.serve_percent if request.HasField("serve_percent") else None,
+            request.source or "api",
+            request.reason,
+        )
+        return self._status(pair)
+
+    async def Promote(self, request, context):
+        return self._status(self.controller.promote(request.model, request.source or "api", request.reason))
+
+    async def Rollback(self, request, context):
+        return self._status(self.controller.rollback(request.model, request.source or "api", request.reason or "manual"))
+
+
+async def start_admin_server(controller: RolloutController, listen: str, allow_remote: bool) -> tuple[grpc.aio.Server, int]:
+    if not allow_remote and not is_loopback(listen):
+        raise ConfigError(f"server.admin_listen {listen} is not loopback; set server.admin_allow_remote to expose it")
+    server = grpc.aio.server(interceptors=[StatusInterceptor()])
+    admin_pb2_grpc.add_ShadowAdminServicer_to_server(AdminServicer(controller), server)
+    port = server.add_insecure_port(listen)
+    await server.start()
+    return server, port

@@ -1,0 +1,94 @@
+"""`shadowserve ctl`: the operator's rollout commands, over the admin gRPC service."""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+
+import grpc
+
+from protos import admin_pb2 as pb
+from protos import admin_pb2_grpc
+
+
+
+def _rate(message, field: str) -> str:
+    return f"{getattr(message, field) * 100:.1f}%" if message.HasField(field) else "-"
+
+
+def _ms(message, field: str) -> str:
+    return f"{getattr(message, field) * 1000:.1f}" if message.HasField(field) else "-"
+
+
+def format_status(pairs, history=()) -> str:
+    rows = [("model", "stage", "shadow%", "serve%", "samples", "match", "top-1", "cand err", "legacy p99 ms", "cand p99 ms")]
+    for pair in pairs:
+        w = pair.window
+        rows.append((pair.model, pair.stage, f"{pair.shadow_percent:g}", f"{pair.serve_percent:g}", str(w.samples),
+                     _rate(w, "match_rate"), _rate(w, "top1_agreement"), _rate(w, "error_rate"),
+                     _ms(w, "legacy_p99_seconds"), _ms(w, "candidate_p99_seconds")))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]
+    lines += [f"{pair.model}: last rollback: {pair.last_rollback_reason}" for pair in pairs if pair.last_rollback_reason]
+    if history:
+        lines.append("")
+        lines.append("history:")
+        for change in history:
+            when = datetime.datetime.fromtimestamp(change.time_unix).isoformat(timespec="seconds")
+            lines.append(
+                f"  {when} {change.model} [{change.source}] {change.old_stage} -> {change.new_stage} "
+                f"shadow {change.old_shadow_percent:g} -> {change.new_shadow_percent:g}, "
+                f"serve {change.old_serve_percent:g} -> {change.new_serve_percent:g}"
+                + (f" ({change.reason})" if change.reason else "")
+            )
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    with grpc.insecure_channel(args.admin) as channel:
+        admin = admin_pb2_grpc.ShadowAdminStub(channel)
+        try:
+            if args.action == "status":
+                reply = admin.Status(pb.StatusRequest(model=args.model or "", include_history=args.history), timeout=args.timeout)
+                print(format_status(reply.pairs, reply.history))
+                return 0
+            if args.action == "set":
+                request = pb.SetPercentagesRequest(model=args.model, source="cli", reason=args.reason)
+                if args.shadow is not None:
+                    request.shadow_percent = args.shadow
+                if args.serve is not None:
+                    request.serve_percent = args.serve
+                pair = admin.SetPercentages(request, timeout=args.timeout)
+            elif args.action == "promote":
+                pair = admin.Promote(pb.PromoteRequest(model=args.model, source="cli", reason=args.reason), timeout=args.timeout)
+            else:
+                pair = admin.Rollback(pb.RollbackRequest(model=args.model, source="cli", reason=args.reason or "manual"),
+                                      timeout=args.timeout)
+        except grpc.RpcError as error:
+            print(f"shadowserve ctl: {error.code().name}: {error.details()}")
+            return 1
+    print(format_status([pair]))
+    return 0
+
+
+def add_parser(commands) -> None:
+    ctl = commands.add_parser("ctl", help="rollout status and control of a running gateway")
+    ctl.add_argument("--admin", default=os.environ.get("SHADOWSERVE_ADMIN", "127.0.0.1:8003"), help="admin address HOST:PORT (env SHADOWSERVE_ADMIN)")
+    ctl.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the gateway")
+    actions = ctl.add_subparsers(dest="action", required=True)
+    status = actions.add_parser("status", help="stage, percentages and recent health per model")
+    status.add_argument("model", nargs="?", help="one model (default: all)")
+    status.add_argument("--history", action="store_true", help="also show the change history")
+    set_ = actions.add_parser("set", help="set shadow and/or serve percentages")
+    set_.add_argument("model")
+    set_.add_argument("--shadow", type=float, help="share of requests also sent to the candidate (0-100)")
+    set_.add_argument("--serve", type=float, help="share of requests answered by the candidate (0-100)")
+    set_.add_argument("--reason", default="")
+    promote = actions.add_parser("promote", help="move to the next stage: shadow, canary steps, cutover")
+    promote.add_argument("model")
+    promote.add_argument("--reason", default="")
+    rollback = actions.add_parser("rollback", help="stop serving from the candidate now (shadowing continues)")
+    rollback.add_argument("model")
+    rollback.add_argument("--reason", default="")
+    ctl.set_defaults(run=run)
