@@ -18,7 +18,7 @@ log = logging.getLogger("shadowserve.rollout")
 
 HISTORY_SIZE = 500
 GUARD_REASONS = ("mismatch_rate", "top1_agreement", "error_rate", "latency")
-GUARD_INTERVAL_S = 0.1  # judge a serving pair at most this often; the window changes slowly
+GUARD_JUDGE_FRACTION = 20  # judge after every window/20 new outcomes: prompt, yet cheap at high rates
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,19 +125,19 @@ class RollbackGuard:
 
     def __init__(self, controller: RolloutController, pair: ModelPair, config: GuardConfig) -> None:
         self.controller, self.pair, self.config = controller, pair, config
-        self._start = pair.window.outcomes_seen
-        self._last_judged = 0.0
+        self._start = self._last_judged = pair.window.outcomes_seen
+        self._judge_every = max(1, config.window // GUARD_JUDGE_FRACTION)
 
     def restart(self) -> None:
         """Judge only what happens after a change, so old samples cannot trigger a new rollback."""
         self._start = self.pair.window.outcomes_seen
 
     def judge(self) -> None:
-        now = time.monotonic()
-        if now - self._last_judged < GUARD_INTERVAL_S:
+        seen = self.pair.window.outcomes_seen
+        if seen - self._last_judged < self._judge_every:
             return
-        self._last_judged = now
-        fresh = self.pair.window.outcomes_seen - self._start
+        self._last_judged = seen
+        fresh = seen - self._start
         if fresh < self.config.min_samples:
             return
         breach = self.breach(self.pair.window.summary(last=min(fresh, self.config.window)))
