@@ -8,6 +8,7 @@ import signal
 from typing import Any
 
 import grpc
+import numpy as np
 from prometheus_client import CollectorRegistry, start_http_server
 
 from pathlib import Path
@@ -33,11 +34,13 @@ def _host_port(listen: str) -> tuple[str, int]:
 class Gateway:
     """One gateway process. `await start()`, then `await stop()`; ports are known after start."""
 
-    def __init__(self, config: Config, registry: CollectorRegistry | None = None, config_path: Path | None = None):
+    def __init__(self, config: Config, registry: CollectorRegistry | None = None, config_path: Path | None = None,
+                 routing: np.ndarray | None = None, serve_metrics: bool = True):
         self.config = config
         self.registry = registry if registry is not None else CollectorRegistry()
         self.metrics = Metrics(self.registry)
-        self.dispatcher = Dispatcher.from_config(config.models, config.server, self.metrics)
+        self.dispatcher = Dispatcher.from_config(config.models, config.server, self.metrics, routing)
+        self.serve_metrics = serve_metrics
         self.rollout = RolloutController(self.dispatcher)
         self.watcher = ConfigWatcher(config_path, config, self.rollout, self.metrics) if config_path else None
         self.grpc_port = self.metrics_port = self.admin_port = 0
@@ -55,9 +58,10 @@ class Gateway:
         self._tasks.append(loop.create_task(self._refresh_health(health)))
         if self.watcher is not None:
             self._tasks.append(loop.create_task(self.watcher.run(server.config_poll_s)))
-        host, port = _host_port(server.metrics_listen)
-        self._http, _ = start_http_server(port, host, registry=self.registry)
-        self.metrics_port = self._http.server_port
+        if self.serve_metrics:
+            host, port = _host_port(server.metrics_listen)
+            self._http, _ = start_http_server(port, host, registry=self.registry)
+            self.metrics_port = self._http.server_port
         log.info("serving %s: gRPC port %d, metrics port %d, admin port %d",
                  sorted(self.dispatcher.pairs), self.grpc_port, self.metrics_port, self.admin_port)
 

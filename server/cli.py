@@ -12,10 +12,16 @@ from server.errors import ConfigError
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from server.app import Gateway
     from server.config import load_config
 
     config = load_config(args.config)
+    workers = args.workers or config.server.workers
+    if workers > 1:
+        from server.workers import run_workers
+
+        return run_workers(config, Path(args.config), workers)
+    from server.app import Gateway
+
     asyncio.run(Gateway(config, config_path=Path(args.config)).serve_forever())
     return 0
 
@@ -33,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = commands.add_parser("serve", help="run the gateway from a config file")
     serve.add_argument("--config", required=True, help="YAML config file")
+    serve.add_argument("--workers", type=int, default=0, help="worker processes sharing the port (default: server.workers)")
     serve.set_defaults(run=_serve)
 
     demo = commands.add_parser("demo", help="build small real models and shadow them end to end")

@@ -9,6 +9,7 @@ import asyncio
 import concurrent.futures
 import hashlib
 import logging
+import mmap
 import random
 import time
 from typing import Callable, Iterable
@@ -56,9 +57,15 @@ def stage_of(shadow_percent: float, serve_percent: float) -> str:
 
 
 class ModelPair:
-    """A configured pair at run time: its backends, routing percentages, metrics and window."""
+    """A configured pair at run time: its backends, routing percentages, metrics and window.
 
-    def __init__(self, config: ModelPairConfig, legacy: Backend, candidate: Backend | None, metrics: ModelMetrics):
+    The percentages live in `routing`, a row of three floats (shadow, serve, rolled back). With
+    several worker processes that row sits in memory shared by all of them, so a change made in
+    one worker (by `ctl`, the file watcher or the guard) routes every worker's traffic at once.
+    """
+
+    def __init__(self, config: ModelPairConfig, legacy: Backend, candidate: Backend | None, metrics: ModelMetrics,
+                 routing: np.ndarray | None = None):
         self.config = config
         self.name = config.name
         self.legacy = legacy
@@ -68,22 +75,43 @@ class ModelPair:
         self.inputs: dict[str, TensorConfig] = {tensor.name: tensor for tensor in config.inputs}
         self.output_names = tuple(tensor.name for tensor in config.outputs)
         self.class_score_outputs = frozenset(t.name for t in config.outputs if t.class_scores)
-        self.shadow_percent = 0.0
-        self.serve_percent = 0.0
-        self.rolled_back = False
-        self.set_percentages(config.shadow_percent, config.serve_percent)
+        if routing is None:
+            routing = initial_routing([config])[0]
+        self.routing = routing
+        self.metrics.stage(self.stage, self.shadow_percent, self.serve_percent)
+
+    @property
+    def shadow_percent(self) -> float:
+        return float(self.routing[0])
+
+    @property
+    def serve_percent(self) -> float:
+        return float(self.routing[1])
 
     @property
     def stage(self) -> str:
-        return "rolled_back" if self.rolled_back else stage_of(self.shadow_percent, self.serve_percent)
+        return "rolled_back" if self.routing[2] else stage_of(self.shadow_percent, self.serve_percent)
 
     def set_percentages(self, shadow_percent: float, serve_percent: float, rolled_back: bool = False) -> None:
-        self.shadow_percent, self.serve_percent, self.rolled_back = shadow_percent, serve_percent, rolled_back
+        self.routing[:] = (shadow_percent, serve_percent, float(rolled_back))
         self.metrics.stage(self.stage, shadow_percent, serve_percent)
 
     @property
     def ready(self) -> bool:
         return self.legacy.ready
+
+
+def initial_routing(models: Iterable[ModelPairConfig], shared: bool = False) -> np.ndarray:
+    """Routing rows for `models`, in anonymous shared memory when worker processes will share them."""
+    models = list(models)
+    if shared:
+        buffer = mmap.mmap(-1, max(1, len(models)) * 3 * 8)
+        table = np.frombuffer(buffer, dtype=np.float64)[: len(models) * 3].reshape(len(models), 3)
+    else:
+        table = np.zeros((len(models), 3))
+    for row, model in zip(table, models):
+        row[:] = (model.shadow_percent, model.serve_percent, 0.0)
+    return table
 
 
 class Dispatcher:
@@ -100,16 +128,19 @@ class Dispatcher:
         self.comparison_listeners: list[Callable[[ModelPair, Comparison | None], None]] = []
 
     @classmethod
-    def from_config(cls, models: Iterable[ModelPairConfig], server: ServerConfig, metrics: Metrics) -> "Dispatcher":
+    def from_config(cls, models: Iterable[ModelPairConfig], server: ServerConfig, metrics: Metrics,
+                    routing: np.ndarray | None = None) -> "Dispatcher":
         from adapters import create_backend
 
+        models = list(models)
+        routing = initial_routing(models) if routing is None else routing
         pairs = []
-        for config in models:
+        for config, row in zip(models, routing):
             legacy = create_backend(config.legacy, config.inputs, config.outputs)
             candidate = create_backend(config.candidate, config.inputs, config.outputs) if config.candidate else None
             outputs = [tensor.name for tensor in config.outputs]
             scores = [tensor.name for tensor in config.outputs if tensor.class_scores]
-            pairs.append(ModelPair(config, legacy, candidate, metrics.for_model(config.name, outputs, scores)))
+            pairs.append(ModelPair(config, legacy, candidate, metrics.for_model(config.name, outputs, scores), row))
         return cls(pairs, server)
 
     # -- lifecycle -------------------------------------------------------------------------

@@ -79,16 +79,24 @@ def write_mean_file(mean: np.ndarray, path: Path, legacy_dims: bool = False) -> 
 # -- the demo classifier -----------------------------------------------------------------------
 
 
-def lenet_port(weights: Mapping[str, Sequence[np.ndarray]] | None, mean_bgr: Sequence[float],
-               swap_rgb_bgr: bool = True):
-    """The PyTorch port of the Caffe LeNet with the legacy service's preprocessing built in.
+MIGRATION_BUGS = ("rgb_bgr", "no_mean", "transposed_ip", "floor_pooling")
 
-    With `weights`, the layers are loaded from Caffe's layout; without, they start untrained.
-    `swap_rgb_bgr=False` is the classic migration bug: the port feeds RGB to a net trained on BGR.
+
+def lenet_port(weights: Mapping[str, Sequence[np.ndarray]] | None, mean_bgr: Sequence[float], bug: str | None = None):
+    """The PyTorch port of the Caffe LeNet, with the legacy service's preprocessing built in.
+
+    With `weights` (Caffe's layout) the layers are loaded; without, they start untrained. `bug` makes
+    it one of the classic migration mistakes: `rgb_bgr` feeds RGB to a net trained on BGR, `no_mean`
+    forgets the mean subtraction, `transposed_ip` reads an InnerProduct weight as (in, out) instead
+    of Caffe's (out, in), `floor_pooling` keeps PyTorch's floor rounding where Caffe rounds up (here
+    the shapes then no longer fit ip1, so that port fails outright).
     """
     import torch
     from torch import nn
     from torch.nn import functional as F
+
+    if bug not in (None, *MIGRATION_BUGS):
+        raise ValueError(f"unknown migration bug {bug!r}; known: {MIGRATION_BUGS}")
 
     class CaffeLeNet(nn.Module):
         def __init__(self) -> None:
@@ -98,14 +106,15 @@ def lenet_port(weights: Mapping[str, Sequence[np.ndarray]] | None, mean_bgr: Seq
             self.ip1 = nn.Linear(16 * 6 * 6, 64)
             self.ip2 = nn.Linear(64, NUM_CLASSES)
             self.register_buffer("mean", torch.tensor(list(mean_bgr), dtype=torch.float32).view(1, 3, 1, 1))
-            self.swap_rgb_bgr = swap_rgb_bgr
 
         def logits(self, x: torch.Tensor) -> torch.Tensor:
-            if self.swap_rgb_bgr:
+            if bug != "rgb_bgr":
                 x = x.flip(1)
-            x = x - self.mean
-            x = F.relu(F.max_pool2d(self.conv1(x), 3, 2, ceil_mode=True))
-            x = F.max_pool2d(F.relu(self.conv2(x)), 3, 2, ceil_mode=True)
+            if bug != "no_mean":
+                x = x - self.mean
+            ceil = bug != "floor_pooling"
+            x = F.relu(F.max_pool2d(self.conv1(x), 3, 2, ceil_mode=ceil))
+            x = F.max_pool2d(F.relu(self.conv2(x)), 3, 2, ceil_mode=ceil)
             x = F.relu(self.ip1(x.flatten(1)))
             return self.ip2(x)
 
@@ -114,14 +123,17 @@ def lenet_port(weights: Mapping[str, Sequence[np.ndarray]] | None, mean_bgr: Seq
 
     model = CaffeLeNet()
     if weights is not None:
-        model.load_state_dict({
-            f"{layer}.{kind}": torch.from_numpy(np.asarray(weights[layer][index], dtype=np.float32))
-            for layer in ("conv1", "conv2", "ip1", "ip2") for index, kind in enumerate(("weight", "bias"))
-        } | {"mean": model.mean})
+        state = {"mean": model.mean}
+        for layer in ("conv1", "conv2", "ip1", "ip2"):
+            weight, bias = (np.asarray(array, dtype=np.float32) for array in weights[layer])
+            if layer == "ip1" and bug == "transposed_ip":
+                weight = np.ascontiguousarray(weight.reshape(weight.shape[1], weight.shape[0]).T)
+            state[f"{layer}.weight"], state[f"{layer}.bias"] = torch.from_numpy(weight), torch.from_numpy(bias)
+        model.load_state_dict(state)
     return model.eval()
 
 
-def train_lenet(steps: int = 300, seed: int = 11) -> tuple[dict[str, list[np.ndarray]], list[float], float]:
+def train_lenet(steps: int = 100, seed: int = 11, batch: int = 32) -> tuple[dict[str, list[np.ndarray]], list[float], float]:
     """Train the classifier as the legacy team did (BGR, mean subtracted); returns Caffe-layout weights."""
     import torch
 
@@ -132,7 +144,7 @@ def train_lenet(steps: int = 300, seed: int = 11) -> tuple[dict[str, list[np.nda
     model = lenet_port(None, mean_bgr).train()
     optimiser = torch.optim.Adam(model.parameters(), lr=0.005)
     for _ in range(steps):
-        images, labels = synthetic_images(64, rng)
+        images, labels = synthetic_images(batch, rng)
         loss = torch.nn.functional.cross_entropy(model.logits(torch.from_numpy(images)), torch.from_numpy(labels))
         optimiser.zero_grad()
         loss.backward()
@@ -166,5 +178,5 @@ def build_caffe_demo_models(workdir: Path) -> tuple[dict[str, Any], Path, Path]:
         "tensor_names": {"image": "data", "probabilities": "prob"},
     }
     faithful = save_torchscript(lenet_port(weights, mean_bgr), workdir / "lenet_port.pt")
-    buggy = save_torchscript(lenet_port(weights, mean_bgr, swap_rgb_bgr=False), workdir / "lenet_port_rgb.pt")
+    buggy = save_torchscript(lenet_port(weights, mean_bgr, bug="rgb_bgr"), workdir / "lenet_port_rgb.pt")
     return spec, faithful, buggy
