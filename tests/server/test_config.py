@@ -88,3 +88,11 @@ def test_serve_exits_non_zero_naming_the_key(tmp_path):
     missing = subprocess.run([sys.executable, "-m", "server.cli", "serve", "--config", str(tmp_path / "nope.yaml")],
                              capture_output=True, text=True, timeout=60)
     assert missing.returncode == 2 and "nope.yaml: cannot read config" in missing.stderr
+
+
+def test_the_shipped_example_is_valid_but_for_its_model_files():
+    example = Path(__file__).parents[2] / "deploy" / "shadow.example.yaml"
+    with pytest.raises(ConfigError) as failure:
+        load_config(example)
+    problems = [line.strip() for line in str(failure.value).splitlines()[1:]]
+    assert problems and all("file not found" in line for line in problems), problems
