@@ -7,7 +7,6 @@ import queue
 
 import mxnet as mx
 import numpy as np
-import pytest
 import tritonclient.grpc as triton_grpc
 import tritonclient.grpc.aio as triton_aio
 from tritonclient.grpc import service_pb2 as pb
