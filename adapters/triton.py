@@ -7,15 +7,35 @@ from tritonclient.grpc import aio as triton_aio
 from tritonclient.utils import InferenceServerException
 
 from adapters.remote import CHANNEL_OPTIONS, RemoteBackend
-from server.config import TritonConfig
-from server.errors import BackendError, ConfigError
+from server.config import TensorConfig, TritonConfig
+from server.errors import BackendError, BackendTimeout, ConfigError
+
+LOAD_TIMEOUT_S = 5.0
+# Each client gets its own subchannels: a new client after a failed load must not inherit, from
+# gRPC's process-wide pool, a connection still waiting out its reconnect backoff.
+TRITON_CHANNEL_OPTIONS = [*CHANNEL_OPTIONS, ("grpc.use_local_subchannel_pool", 1)]
 
 
 def triton_failure(message: str, error: InferenceServerException) -> BackendError:
-    """tritonclient reports the gRPC status as text ("StatusCode.UNAVAILABLE"); restore the real one."""
+    """tritonclient reports the gRPC status as text ("StatusCode.UNAVAILABLE"); restore the real one.
+
+    DEADLINE_EXCEEDED becomes a BackendTimeout, as for every other backend; a status that is
+    missing or unknown (a client-side failure) reads as UNAVAILABLE.
+    """
     name = (error.status() or "").rsplit(".", 1)[-1]
     code = grpc.StatusCode[name] if name in grpc.StatusCode.__members__ else grpc.StatusCode.UNAVAILABLE
-    return BackendError(f"{message}: {error.message()}", code)
+    text = f"{message}: {error.message()}"
+    return BackendTimeout(text) if code == grpc.StatusCode.DEADLINE_EXCEEDED else BackendError(text, code)
+
+
+def _mismatch(served, wanted: TensorConfig) -> str | None:
+    """Why Triton's tensor metadata cannot carry the pair's tensor, or None when it can."""
+    shape = list(served.shape)
+    if served.datatype != wanted.datatype:
+        return f"is {served.datatype}, the pair declares {wanted.datatype}"
+    if len(shape) != len(wanted.shape) or any(-1 not in (a, b) and a != b for a, b in zip(shape, wanted.shape)):
+        return f"has shape {shape}, the pair declares {wanted.shape}"
+    return None
 
 
 class TritonBackend(RemoteBackend):
@@ -28,29 +48,44 @@ class TritonBackend(RemoteBackend):
 
     async def load(self) -> None:
         if self._client is None:
-            self._client = triton_aio.InferenceServerClient(self.config.url, channel_args=CHANNEL_OPTIONS)
+            self._client = triton_aio.InferenceServerClient(self.config.url, channel_args=TRITON_CHANNEL_OPTIONS)
         model, version = self.config.model, self.config.version
+        where = f"Triton at {self.config.url} model {model!r}"
         try:
-            if not await self._client.is_model_ready(model, version, client_timeout=5.0):
-                raise BackendError(f"Triton at {self.config.url} reports {model!r} not ready", grpc.StatusCode.UNAVAILABLE)
-            metadata = await self._client.get_model_metadata(model, version, client_timeout=5.0)
+            ready = await self._client.is_model_ready(model, version, client_timeout=LOAD_TIMEOUT_S)
+            # ModelReady only says false; ModelMetadata fails with Triton's reason (NOT_FOUND
+            # "unknown model" for a misspelt name), which is what an operator needs to read.
+            metadata = await self._client.get_model_metadata(model, version, client_timeout=LOAD_TIMEOUT_S)
         except InferenceServerException as error:
-            raise triton_failure(f"Triton at {self.config.url} model {model!r}", error) from None
+            # Drop the channel: it would sit in gRPC's reconnect backoff (up to 2 minutes) and fail
+            # the next retry even after Triton is back. A fresh one connects on the next attempt.
+            await self._drop_client()
+            raise triton_failure(where, error) from None
+        if not ready:
+            raise BackendError(f"{where} is not ready", grpc.StatusCode.UNAVAILABLE)
+        # A name, datatype or shape Triton does not serve would fail every call: refuse it now.
         for kind, served, wanted in (
-            ("inputs", {t.name for t in metadata.inputs}, self.signature.input_names),
-            ("outputs", {t.name for t in metadata.outputs}, self.signature.output_names),
+            ("input", {t.name: t for t in metadata.inputs}, self.signature.inputs),
+            ("output", {t.name: t for t in metadata.outputs}, self.signature.outputs),
         ):
-            missing = sorted(set(wanted) - served)
+            missing = sorted(t.name for t in wanted if t.name not in served)
             if missing:
                 raise ConfigError(
-                    f"Triton model {model!r} has {kind} {sorted(served)}, not {missing}; map names with tensor_names"
+                    f"Triton model {model!r} has {kind}s {sorted(served)}, not {missing}; map names with tensor_names"
                 )
+            for tensor in wanted:
+                problem = _mismatch(served[tensor.name], tensor)
+                if problem:
+                    raise ConfigError(f"Triton model {model!r} {kind} {tensor.name!r} {problem}")
         # The hot path builds requests itself on tritonclient's stub: no InferInput objects per call.
         self._stub = self._client._client_stub
         self.ready = True
 
     async def close(self) -> None:
+        await self._drop_client()
+
+    async def _drop_client(self) -> None:
         self.ready = False
-        if self._client is not None:
-            await self._client.close()
-            self._client = self._stub = None
+        client, self._client, self._stub = self._client, None, None
+        if client is not None:
+            await client.close()
