@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 
 from adapters.base import InProcessBackend
@@ -21,9 +23,12 @@ class MXNetBackend(InProcessBackend):
         try:
             symbol = mx.sym.load(str(config.symbol))
             outputs = symbol.list_outputs()
-            self._net = mx.gluon.SymbolBlock.imports(
-                str(config.symbol), config.input_names, str(config.params), ctx=self._context
-            )
+            with warnings.catch_warnings():
+                # "Cannot decide type for the following arguments": input types are known only per request.
+                warnings.simplefilter("ignore", UserWarning)
+                self._net = mx.gluon.SymbolBlock.imports(
+                    str(config.symbol), config.input_names, str(config.params), ctx=self._context
+                )
         except Exception as exc:
             raise ConfigError(f"mxnet model {config.symbol} / {config.params} failed to load: {exc}") from exc
         if len(outputs) != len(self.signature.outputs):

@@ -1,0 +1,103 @@
+"""The in-process runtimes on their own: MXNet export files, TorchScript and torch.export programs."""
+
+from __future__ import annotations
+
+import asyncio
+
+import mxnet as mx
+import numpy as np
+import pytest
+import torch
+
+from adapters import backend_class, create_backend
+from server.config import MXNetConfig, TensorConfig, TorchConfig
+from server.demo.mxnet_models import synthetic_images, torch_port
+from server.errors import BackendTimeout, ConfigError
+
+IMAGE = TensorConfig(name="image", datatype="FP32", shape=[-1, 3, 32, 32])
+PROBS = TensorConfig(name="probabilities", datatype="FP32", shape=[-1, 6], class_scores=True)
+
+
+def mxnet_backend(models, **extra):
+    config = MXNetConfig(runtime="mxnet", symbol=models.symbol, params=models.params, tensor_names={"image": "data"}, **extra)
+    return create_backend(config, [IMAGE], [PROBS])
+
+
+@pytest.fixture(scope="module")
+def exported_program(demo_models, tmp_path_factory):
+    """The faithful port as a torch.export program with a dynamic batch dimension."""
+    weights = {name: tensor.numpy() for name, tensor in torch.jit.load(str(demo_models.faithful_torch)).state_dict().items()}
+    eager = torch_port(weights)
+    batch = torch.export.Dim("batch", min=1, max=1024)
+    program = torch.export.export(eager, (torch.zeros(2, 3, 32, 32),), dynamic_shapes=({0: batch},))
+    path = tmp_path_factory.mktemp("export") / "port.pt2"
+    torch.export.save(program, str(path))
+    return path
+
+
+async def test_mxnet_any_batch_size_matches_a_direct_call(demo_models):
+    backend = mxnet_backend(demo_models)
+    await backend.load()
+    net = mx.gluon.SymbolBlock.imports(str(demo_models.symbol), ["data"], str(demo_models.params))
+    for batch in (1, 5, 17):
+        images, _ = synthetic_images(batch, np.random.default_rng(batch))
+        outputs = await backend.infer({"image": images})
+        assert list(outputs) == ["probabilities"]
+        assert outputs["probabilities"].tobytes() == net(mx.nd.array(images)).asnumpy().tobytes()
+    assert backend.describe() == {"runtime": "mxnet", "context": "cpu"}
+    await backend.close()
+
+
+async def test_torchscript_and_torch_export_programs_agree(demo_models, exported_program):
+    images, _ = synthetic_images(7, np.random.default_rng(2))
+    answers = []
+    for path in (demo_models.faithful_torch, exported_program):
+        backend = create_backend(TorchConfig(runtime="torch", path=path), [IMAGE], [PROBS])
+        await backend.load()
+        answers.append((backend.describe()["format"], (await backend.infer({"image": images}))["probabilities"]))
+        await backend.close()
+    assert [fmt for fmt, _ in answers] == ["torchscript", "torch.export"]
+    np.testing.assert_allclose(answers[0][1], answers[1][1], atol=1e-6)
+    assert answers[0][1].shape == (7, 6)
+
+
+async def test_in_process_inference_has_a_deadline(demo_models):
+    backend = mxnet_backend(demo_models)
+    await backend.load()
+    backend._executor.submit(lambda: __import__("time").sleep(0.5))  # the one inference thread is busy
+    images, _ = synthetic_images(1, np.random.default_rng(0))
+    with pytest.raises(BackendTimeout, match="exceeded 0.05s"):
+        await backend.infer({"image": images}, timeout_s=0.05)
+    await asyncio.sleep(0.5)
+    assert (await backend.infer({"image": images}))["probabilities"].shape == (1, 6)
+    await backend.close()
+
+
+async def test_broken_model_files_fail_load_with_the_file_named(demo_models, tmp_path):
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"not a model")
+    backend = create_backend(TorchConfig(runtime="torch", path=garbage), [IMAGE], [PROBS])
+    with pytest.raises(ConfigError, match="garbage.pt is neither TorchScript"):
+        await backend.load()
+
+    truncated = tmp_path / "net-0000.params"
+    truncated.write_bytes(demo_models.params.read_bytes()[:100])
+    backend = create_backend(MXNetConfig(runtime="mxnet", symbol=demo_models.symbol, params=truncated,
+                                         tensor_names={"image": "data"}), [IMAGE], [PROBS])
+    with pytest.raises(ConfigError, match="net-0000.params failed to load"):
+        await backend.load()
+
+    backend = create_backend(MXNetConfig(runtime="mxnet", symbol=demo_models.symbol, params=demo_models.params,
+                                         tensor_names={"image": "data"}), [IMAGE], [PROBS, PROBS.model_copy(update={"name": "extra"})])
+    with pytest.raises(ConfigError, match="has 1 outputs .* the pair declares 2"):
+        await backend.load()
+
+
+def test_unknown_and_missing_runtimes_are_config_errors(monkeypatch):
+    with pytest.raises(ConfigError, match="unknown runtime 'tensorflow'"):
+        backend_class("tensorflow")
+    import adapters
+
+    monkeypatch.setitem(adapters.RUNTIMES, "ghost", "adapters.not_installed:Ghost")
+    with pytest.raises(ConfigError, match="runtime 'ghost' is not installed here"):
+        backend_class("ghost")
