@@ -1,0 +1,697 @@
+"""Caffe models (deploy .prototxt + .caffemodel), run in-process by pycaffe or by OpenCV's DNN module.
+
+Two executors run the same files. `pycaffe` is the user's own Caffe (`import caffe`), the runtime
+their service has today. `opencv` is `cv2.dnn.readNetFromCaffe`, which executes Caffe models
+without Caffe. Before either sees the files, they are read with the project's own caffe.proto and
+checked layer by layer: Caffe aborts the whole process on a bad file, and OpenCV may crash or
+silently run weights of the wrong shape, so neither can be trusted to report a broken model.
+
+Blob names are Caffe's: the pair's tensors map onto the prototxt's input blobs and onto any named
+blob as an output, with Caffe's meaning of a blob rewritten in place (its value after the last
+layer that writes it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import logging
+import math
+import queue
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from types import ModuleType
+from typing import Protocol
+
+import numpy as np
+from google.protobuf import message, text_format
+
+from adapters.base import InProcessBackend, Signature
+from server.config import CaffeConfig, TensorConfig
+from server.errors import ConfigError
+
+log = logging.getLogger("shadowserve.adapters.caffe")
+
+Dims = tuple[int | None, ...]  # None: a dimension not known before a request arrives
+
+
+def _caffe_pb2():
+    from protos import caffe_pb2
+
+    return caffe_pb2
+
+
+# -- reading the files -----------------------------------------------------------------------
+
+
+def read_prototxt(path: Path):
+    """The net definition, parsed strictly; a syntax error names the line and the layer around it."""
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read prototxt {path}: {exc.strerror or exc}") from None
+    net = _caffe_pb2().NetParameter()
+    try:
+        # Fields this project's caffe.proto leaves out (fillers, lr_mult, engines) only matter for training.
+        text_format.Parse(text, net, allow_unknown_field=True)
+    except text_format.ParseError as exc:
+        line = exc.GetLine() if hasattr(exc, "GetLine") else None
+        where = f" at line {line}" if line else ""
+        layer = _layer_around(text, line) if line else None
+        within = f", in layer {layer!r}" if layer else ""
+        raise ConfigError(f"prototxt {path} does not parse{where}{within}: {exc}") from None
+    if not net.layer and not net.input and not net.layers:
+        raise ConfigError(f"prototxt {path} defines no layers")
+    return net
+
+
+_LAYER_START = re.compile(r"^\s*layers?\s*\{")
+_NAME = re.compile(r"\bname\s*:\s*[\"']([^\"']*)[\"']")
+
+
+def _layer_around(text: str, line: int) -> str | None:
+    """The name of the layer whose block holds `line` (1-based), best effort."""
+    name = None
+    inside = False
+    for content in text.splitlines()[:line]:
+        if _LAYER_START.match(content):
+            inside, name = True, None
+        found = _NAME.search(content)
+        if inside and name is None and found:
+            name = found.group(1)
+    return name
+
+
+def read_caffemodel(path: Path):
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read caffemodel {path}: {exc.strerror or exc}") from None
+    weights = _caffe_pb2().NetParameter()
+    try:
+        weights.ParseFromString(data)
+    except message.DecodeError as exc:
+        raise ConfigError(f"caffemodel {path} is not a binary Caffe NetParameter: {exc}") from None
+    if not weights.layer and not weights.layers:
+        raise ConfigError(f"caffemodel {path} holds no layers")
+    return weights
+
+
+def blob_shape(blob) -> tuple[int, ...]:
+    """A BlobProto's shape; old files carry the legacy num/channels/height/width instead."""
+    if _has_legacy_dims(blob):
+        return (blob.num, blob.channels, blob.height, blob.width)
+    return tuple(blob.shape.dim)
+
+
+def _has_legacy_dims(blob) -> bool:
+    return any(blob.HasField(field) for field in ("num", "channels", "height", "width"))
+
+
+def _check_count(blob, where: str) -> None:
+    shape = blob_shape(blob)
+    count = len(blob.data) or len(blob.double_data)
+    if count != math.prod(shape):
+        raise ConfigError(f"{where} holds {count} values but its shape {list(shape)} needs {math.prod(shape)}")
+
+
+def blob_array(blob, where: str) -> np.ndarray:
+    _check_count(blob, where)
+    return np.asarray(blob.data if len(blob.data) else blob.double_data, dtype=np.float32).reshape(blob_shape(blob))
+
+
+def read_mean_file(path: Path) -> np.ndarray:
+    """A `.binaryproto` mean, as Caffe's tools write it, returned as (channels, height, width)."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read mean file {path}: {exc.strerror or exc}") from None
+    blob = _caffe_pb2().BlobProto()
+    try:
+        blob.ParseFromString(data)
+    except message.DecodeError as exc:
+        raise ConfigError(f"mean file {path} is not a binary Caffe BlobProto: {exc}") from None
+    mean = blob_array(blob, f"mean file {path}")
+    if mean.ndim == 4 and mean.shape[0] == 1:
+        mean = mean[0]
+    if mean.ndim != 3:
+        raise ConfigError(f"mean file {path} has shape {list(blob_shape(blob))}; expected 1 x C x H x W")
+    return mean
+
+
+# -- the net's structure, and its weights checked against it ---------------------------------
+
+_SHAPE_PRESERVING = frozenset({
+    "ReLU", "PReLU", "ELU", "Sigmoid", "TanH", "AbsVal", "BNLL", "Power", "Exp", "Log", "Threshold",
+    "Dropout", "Softmax", "LRN", "MVN", "BatchNorm", "Scale", "Bias", "Split", "Eltwise",
+})
+
+
+@dataclasses.dataclass(frozen=True)
+class CaffeGraph:
+    """What a prototxt declares: input blobs, the layers that run, and which layer last writes each blob."""
+
+    path: Path
+    inputs: dict[str, Dims | None]
+    layers: tuple  # LayerParameter, in execution order, Input layers left out
+    producers: dict[str, tuple[int, int]]  # blob -> (index in layers, top index) of its last writer
+
+    @classmethod
+    def from_net(cls, net, path: Path) -> CaffeGraph:
+        if net.layers and not net.layer:
+            raise ConfigError(
+                f"prototxt {path} uses the pre-2015 V1 'layers' format; upgrade it with Caffe's "
+                "upgrade_net_proto_text tool"
+            )
+        inputs: dict[str, Dims | None] = {}
+        for index, name in enumerate(net.input):
+            if net.input_shape:
+                inputs[name] = tuple(net.input_shape[index].dim) if index < len(net.input_shape) else None
+            elif net.input_dim:
+                inputs[name] = tuple(net.input_dim[4 * index : 4 * index + 4]) or None
+            else:
+                inputs[name] = None
+        layers, producers, known = [], {}, set(inputs)
+        for layer in net.layer:
+            if layer.type == "Input":
+                shapes = list(layer.input_param.shape)
+                for top_index, top in enumerate(layer.top):
+                    shape = shapes[top_index] if top_index < len(shapes) else (shapes[0] if shapes else None)
+                    inputs[top] = tuple(shape.dim) if shape is not None else None
+                    known.add(top)
+                continue
+            for bottom in layer.bottom:
+                if bottom not in known:
+                    raise ConfigError(
+                        f"prototxt {path}: layer {layer.name!r} ({layer.type}) reads blob {bottom!r}, "
+                        "which no earlier layer or input produces"
+                    )
+            for top_index, top in enumerate(layer.top):
+                producers[top] = (len(layers), top_index)
+                known.add(top)
+            layers.append(layer)
+        if not inputs:
+            raise ConfigError(f"prototxt {path} declares no input blob (an Input layer or 'input:')")
+        return cls(Path(path), inputs, tuple(layers), producers)
+
+    def check_signature(self, signature: Signature) -> None:
+        """The pair's tensors, named as this backend knows them, must be blobs of this net."""
+        declared, expected = sorted(signature.input_names), sorted(self.inputs)
+        if declared != expected:
+            raise ConfigError(
+                f"prototxt {self.path} takes input blob(s) {expected}, the pair sends {declared} "
+                "(map pair tensors to blobs with tensor_names)"
+            )
+        for tensor in signature.outputs:
+            if tensor.name not in self.producers:
+                raise ConfigError(
+                    f"prototxt {self.path} has no blob {tensor.name!r} for output {tensor.name!r}; "
+                    f"its blobs are {sorted(self.producers)} (map pair tensors to blobs with tensor_names)"
+                )
+            if tensor.datatype != "FP32":
+                raise ConfigError(f"Caffe blobs are FP32; output {tensor.name!r} is declared {tensor.datatype}")
+
+    def input_dims(self, signature: Signature) -> dict[str, Dims | None]:
+        """Input shapes as requests will bring them: any batch, other dimensions from the pair or the net."""
+        merged: dict[str, Dims | None] = {}
+        for tensor in signature.inputs:
+            net_dims = self.inputs.get(tensor.name)
+            pair_dims = tuple(None if dim == -1 else dim for dim in tensor.shape)
+            if net_dims is not None and len(net_dims) == len(pair_dims):
+                dims = tuple(pair if pair is not None else net for pair, net in zip(pair_dims, net_dims))
+            elif tensor.shape:
+                dims = pair_dims
+            else:
+                dims = net_dims
+            merged[tensor.name] = (None, *dims[1:]) if dims else None
+        return merged
+
+    def check_weights(self, weights, caffemodel: Path, input_dims: dict[str, Dims | None]) -> None:
+        """Every layer with learned parameters finds them in `weights`, in the number and shapes Caffe needs."""
+        stored = _stored_blobs(weights)
+        shapes: dict[str, Dims | None] = dict(input_dims)
+        for layer in self.layers:
+            bottoms = [shapes.get(bottom) for bottom in layer.bottom]
+            expected = _param_shapes(layer, bottoms)
+            if expected is not None:
+                blobs = stored.get(layer.name)
+                where = f"caffemodel {caffemodel}: layer {layer.name!r} ({layer.type})"
+                if not blobs:
+                    raise ConfigError(f"{where} has no weights; prototxt {self.path} needs {len(expected)} blob(s)")
+                if len(blobs) != len(expected):
+                    raise ConfigError(
+                        f"{where} has {len(blobs)} weight blob(s); prototxt {self.path} needs {len(expected)}"
+                    )
+                for index, (blob, want) in enumerate(zip(blobs, expected)):
+                    if not _shape_matches(blob, want):
+                        raise ConfigError(
+                            f"{where} weight blob {index} has shape {list(blob_shape(blob))}; "
+                            f"prototxt {self.path} needs {_show(want)}"
+                        )
+                    _check_count(blob, f"{where} weight blob {index}")
+            tops = _top_dims(layer, bottoms)
+            for top in layer.top:
+                shapes[top] = tops
+
+
+def _stored_blobs(weights) -> dict[str, list]:
+    """Layer name -> its weight blobs, first non-empty entry winning, as Caffe and OpenCV look them up."""
+    stored: dict[str, list] = {}
+    for layer in [*weights.layer, *weights.layers]:
+        if layer.blobs and layer.name not in stored:
+            stored[layer.name] = list(layer.blobs)
+    return stored
+
+
+def _shape_matches(blob, want: Dims | None) -> bool:
+    if want is None:
+        return True
+    if _has_legacy_dims(blob):
+        if len(want) > 4:
+            return False
+        want = (1,) * (4 - len(want)) + tuple(want)
+    have = blob_shape(blob)
+    return len(have) == len(want) and all(w is None or h == w for h, w in zip(have, want))
+
+
+def _show(dims: Dims | None) -> str:
+    if dims is None:
+        return "(unknown)"
+    return "[" + ", ".join("?" if dim is None else str(dim) for dim in dims) + "]"
+
+
+def _pairs(repeated, single_h: int | None, single_w: int | None, default: int) -> tuple[int, int]:
+    """Caffe's kernel/pad/stride convention: explicit _h/_w, else one value for both, else two values."""
+    if single_h is not None and single_w is not None:
+        return single_h, single_w
+    values = list(repeated)
+    if not values:
+        return default, default
+    return (values[0], values[0]) if len(values) == 1 else (values[0], values[1])
+
+
+def _conv_geometry(param) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int], tuple[int, int]]:
+    kernel = _pairs(param.kernel_size, param.kernel_h if param.HasField("kernel_h") else None,
+                    param.kernel_w if param.HasField("kernel_w") else None, 1)
+    has_pad = param.HasField("pad_h") or param.HasField("pad_w")
+    pad = _pairs(param.pad, param.pad_h if has_pad else None, param.pad_w if has_pad else None, 0)
+    stride = _pairs(param.stride, param.stride_h if param.HasField("stride_h") else None,
+                    param.stride_w if param.HasField("stride_w") else None, 1)
+    dilation = _pairs(param.dilation, None, None, 1)
+    return kernel, pad, stride, dilation
+
+
+def _param_shapes(layer, bottoms: list[Dims | None]) -> list[Dims | None] | None:
+    """The learned blobs a layer needs, with None where the input shape is not known yet; None if it has none."""
+    kind = layer.type
+    first = bottoms[0] if bottoms else None
+    channels = first[1] if first is not None and len(first) > 1 else None
+    if kind in ("Convolution", "ConvolutionDepthwise", "Deconvolution"):
+        param = layer.convolution_param
+        (kh, kw), _, _, _ = _conv_geometry(param)
+        group = param.group or 1
+        if kind == "ConvolutionDepthwise":
+            group = channels
+        per_group = channels // group if channels is not None and group else None
+        if kind == "Deconvolution":
+            weight = (channels, param.num_output // group, kh, kw)
+        else:
+            weight = (param.num_output, per_group, kh, kw)
+        return [weight, (param.num_output,)] if param.bias_term else [weight]
+    if kind == "InnerProduct":
+        param = layer.inner_product_param
+        axis = param.axis % len(first) if first is not None else None
+        inner = None
+        if first is not None and all(dim is not None for dim in first[axis:]):
+            inner = math.prod(first[axis:])
+        weight = (inner, param.num_output) if param.transpose else (param.num_output, inner)
+        return [weight, (param.num_output,)] if param.bias_term else [weight]
+    if kind == "BatchNorm":
+        return [(channels,), (channels,), (1,)]
+    if kind in ("Scale", "Bias") and len(layer.bottom) == 1:
+        param = layer.scale_param if kind == "Scale" else layer.bias_param
+        if first is None:
+            shape: Dims | None = {1: (None,), 0: ()}.get(param.num_axes)
+        else:
+            start = param.axis % len(first)
+            stop = len(first) if param.num_axes == -1 else start + param.num_axes
+            shape = tuple(first[start:stop])
+        with_bias = kind == "Scale" and param.bias_term
+        return [shape, shape] if with_bias else [shape]
+    if kind == "PReLU":
+        return [()] if layer.prelu_param.channel_shared else [(channels,)]
+    return None
+
+
+def _top_dims(layer, bottoms: list[Dims | None]) -> Dims | None:
+    """The shape of a layer's top blobs, where Caffe's rules for its type are known here."""
+    kind, first = layer.type, (bottoms[0] if bottoms else None)
+    if first is None:
+        return None
+    if kind in _SHAPE_PRESERVING:
+        return first
+    if kind in ("Convolution", "ConvolutionDepthwise", "Deconvolution") and len(first) == 4:
+        kernel, pad, stride, dilation = _conv_geometry(layer.convolution_param)
+        spatial = []
+        for size, k, p, s, d in zip(first[2:], kernel, pad, stride, dilation):
+            extent = d * (k - 1) + 1
+            if size is None:
+                spatial.append(None)
+            elif kind == "Deconvolution":
+                spatial.append(s * (size - 1) + extent - 2 * p)
+            else:
+                spatial.append((size + 2 * p - extent) // s + 1)
+        return (first[0], layer.convolution_param.num_output, *spatial)
+    if kind == "Pooling" and len(first) == 4:
+        param = layer.pooling_param
+        if param.global_pooling:
+            return (first[0], first[1], 1, 1)
+        kernel = _pairs([param.kernel_size] if param.HasField("kernel_size") else [],
+                        param.kernel_h if param.HasField("kernel_h") else None,
+                        param.kernel_w if param.HasField("kernel_w") else None, 1)
+        has_pad = param.HasField("pad_h") or param.HasField("pad_w")
+        pad = _pairs([param.pad], param.pad_h if has_pad else None, param.pad_w if has_pad else None, 0)
+        stride = _pairs([param.stride], param.stride_h if param.HasField("stride_h") else None,
+                        param.stride_w if param.HasField("stride_w") else None, 1)
+        spatial = []
+        for size, k, p, s in zip(first[2:], kernel, pad, stride):
+            if size is None:
+                spatial.append(None)
+                continue
+            pooled = math.ceil((size + 2 * p - k) / s) + 1  # Caffe rounds up
+            if p and (pooled - 1) * s >= size + p:
+                pooled -= 1  # the last window must start inside the image
+            spatial.append(pooled)
+        return (first[0], first[1], *spatial)
+    if kind == "InnerProduct":
+        axis = layer.inner_product_param.axis % len(first)
+        return (*first[:axis], layer.inner_product_param.num_output)
+    if kind == "Flatten":
+        param = layer.flatten_param
+        start, end = param.axis % len(first), param.end_axis % len(first)
+        middle = first[start : end + 1]
+        flat = None if any(dim is None for dim in middle) else math.prod(middle)
+        return (*first[:start], flat, *first[end + 1 :])
+    if kind == "Concat":
+        axis = layer.concat_param.axis % len(first)
+        sizes = [dims[axis] if dims is not None else None for dims in bottoms]
+        total = None if any(size is None for size in sizes) else sum(sizes)
+        return (*first[:axis], total, *first[axis + 1 :])
+    return None
+
+
+# -- the legacy side's preprocessing ---------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class CaffeTransform:
+    """The classic `caffe.io.Transformer` preprocessing, in its order: channel swap, raw scale,
+    mean subtraction, input scale. The mean is in the net's channel order (after the swap)."""
+
+    channel_swap: tuple[int, ...] | None = None
+    raw_scale: float | None = None
+    mean: np.ndarray | None = None  # (C, 1, 1) or (C, H, W)
+    input_scale: float | None = None
+    mean_source: str = ""
+
+    @classmethod
+    def from_config(cls, config: CaffeConfig, dims: Dims | None) -> CaffeTransform | None:
+        if config.channel_swap is None and config.raw_scale is None and config.input_scale is None \
+                and config.mean_values is None and config.mean_file is None:
+            return None
+        if dims is None or len(dims) != 4:
+            raise ConfigError(
+                f"the Caffe transform (mean, scale, channel swap) needs an N x C x H x W input; "
+                f"the first input is {_show(dims) if dims is not None else 'of unknown shape'}"
+            )
+        channels, spatial = dims[1], dims[2:]
+        swap = None
+        if config.channel_swap is not None:
+            swap = tuple(config.channel_swap)
+            if sorted(swap) != list(range(len(swap))) or (channels is not None and len(swap) != channels):
+                raise ConfigError(
+                    f"channel_swap {list(swap)} is not an order of the input's {channels or len(swap)} channels"
+                )
+        mean, source = None, ""
+        if config.mean_values is not None:
+            values = np.asarray(config.mean_values, dtype=np.float32)
+            if channels is not None and len(values) not in (1, channels):
+                raise ConfigError(f"mean_values has {len(values)} values for an input of {channels} channels")
+            mean, source = values.reshape(-1, 1, 1), f"mean_values={config.mean_values}"
+        elif config.mean_file is not None:
+            mean = read_mean_file(config.mean_file)
+            per_channel = [round(float(v), 3) for v in mean.mean(axis=(1, 2))]
+            if channels is not None and mean.shape[0] != channels:
+                raise ConfigError(f"mean file {config.mean_file} has {mean.shape[0]} channels, the input {channels}")
+            if all(size is not None for size in spatial) and tuple(mean.shape[1:]) != tuple(spatial):
+                raise ConfigError(
+                    f"mean file {config.mean_file} is {mean.shape[1]}x{mean.shape[2]}, the input is "
+                    f"{spatial[0]}x{spatial[1]}; cropping is not done here: set mean_values to its "
+                    f"per-channel means {per_channel} instead"
+                )
+            source = f"mean_file={Path(config.mean_file).name}"
+        return cls(swap, config.raw_scale, mean, config.input_scale, source)
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        data = batch[:, list(self.channel_swap)] if self.channel_swap is not None else batch
+        data = np.array(data, dtype=np.float32)  # a private copy: request buffers are read-only
+        if self.raw_scale is not None:
+            data *= np.float32(self.raw_scale)
+        if self.mean is not None:
+            data -= self.mean
+        if self.input_scale is not None:
+            data *= np.float32(self.input_scale)
+        return data
+
+    def summary(self) -> str:
+        parts = []
+        if self.channel_swap is not None:
+            parts.append(f"channel_swap={list(self.channel_swap)}")
+        if self.raw_scale is not None:
+            parts.append(f"raw_scale={self.raw_scale:g}")
+        if self.mean_source:
+            parts.append(self.mean_source)
+        if self.input_scale is not None:
+            parts.append(f"input_scale={self.input_scale:g}")
+        return ", ".join(parts)
+
+
+# -- executors -------------------------------------------------------------------------------
+
+
+class CaffeExecutor(Protocol):
+    """One loaded copy of the net, answering with the blobs it was built for. Not thread-safe: the
+    backend keeps one per inference thread."""
+
+    name: str
+    version: str
+
+    def forward(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
+
+
+class OpenCVExecutor:
+    name = "opencv"
+
+    def __init__(self, graph: CaffeGraph, caffemodel: Path, outputs: Sequence[str]) -> None:
+        import cv2
+
+        self.check_caffe_semantics(graph)
+        self.version = cv2.__version__
+        try:
+            net = cv2.dnn.readNetFromCaffe(str(graph.path), str(caffemodel))
+            net.setPreferableBackend(cv2.dnn.DNN_BACKEND_OPENCV)
+            net.setPreferableTarget(cv2.dnn.DNN_TARGET_CPU)
+            # Caffe convolves by im2col + GEMM; OpenCV's Winograd 3x3 kernels are faster but drift about
+            # ten times further from Caffe's numbers, and the legacy answer is the one clients get.
+            net.enableWinograd(False)
+            layer_names = self._opencv_layer_names(net, graph)  # creates the layers: may fail
+        except cv2.error as exc:
+            raise ConfigError(f"OpenCV cannot load {graph.path} / {caffemodel}: {_cv_message(exc)}") from None
+        self._net = net
+        self._layers, self._where = self._plan(graph, layer_names, outputs)
+
+    @staticmethod
+    def check_caffe_semantics(graph: CaffeGraph) -> None:
+        """Refuse the layer settings where OpenCV is known to compute something other than Caffe."""
+        for layer in graph.layers:
+            where = f"prototxt {graph.path}: layer {layer.name!r} ({layer.type})"
+            lrn = layer.lrn_param
+            if layer.type == "LRN" and lrn.norm_region == lrn.ACROSS_CHANNELS and lrn.k != 1:
+                raise ConfigError(
+                    f"{where} sets k: {lrn.k:g}; OpenCV's LRN ignores k and always uses 1, so it would "
+                    "not answer as Caffe does. Run this model with executor 'pycaffe'"
+                )
+            if layer.type == "BatchNorm" and layer.batch_norm_param.HasField("use_global_stats") \
+                    and not layer.batch_norm_param.use_global_stats:
+                raise ConfigError(
+                    f"{where} sets use_global_stats: false (statistics of each batch); OpenCV computes "
+                    "that only for batches of one. Run this model with executor 'pycaffe'"
+                )
+
+    @staticmethod
+    def _opencv_layer_names(net, graph: CaffeGraph) -> dict[int, str]:
+        """Caffe layer index -> OpenCV layer name.
+
+        OpenCV adds layers in prototxt order (plus helpers, such as an MVN before a BatchNorm that
+        computes batch statistics) but may rename them, so they are matched by order and type.
+        """
+        names = list(net.getLayerNames())
+        kinds = [net.getLayer(layer_id).type for layer_id in range(1, len(names) + 1)]
+        aliases = {"ConvolutionDepthwise": "Convolution", "Axpy": "Eltwise"}
+        mapping, cursor = {}, 0
+        for index, layer in enumerate(graph.layers):
+            want = aliases.get(layer.type, layer.type)
+            for position in range(cursor, len(names)):
+                if kinds[position] == want:
+                    mapping[index], cursor = names[position], position + 1
+                    break
+        return mapping
+
+    @staticmethod
+    def _plan(graph: CaffeGraph, layer_names: dict[int, str], outputs: Sequence[str]):
+        """The OpenCV layers to retrieve, and where each output blob is among their results."""
+        layers: list[str] = []
+        where: dict[str, tuple[int, int]] = {}
+        for blob in outputs:
+            layer_index, top_index = graph.producers[blob]
+            if layer_index not in layer_names:
+                layer = graph.layers[layer_index]
+                raise ConfigError(
+                    f"prototxt {graph.path}: OpenCV made no layer of layer {layer.name!r} ({layer.type}), "
+                    f"which writes output blob {blob!r}"
+                )
+            if layer_names[layer_index] not in layers:
+                layers.append(layer_names[layer_index])
+            where[blob] = (layers.index(layer_names[layer_index]), top_index)
+        return layers, where
+
+    def forward(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        for name, array in inputs.items():
+            self._net.setInput(array, name)
+        results = self._net.forwardAndRetrieve(self._layers)
+        return {blob: results[layer][top] for blob, (layer, top) in self._where.items()}
+
+
+def _cv_message(exc: Exception) -> str:
+    """OpenCV's error text without its source-path preamble."""
+    text = str(exc).strip()
+    return text.split(" error: ", 1)[-1] if " error: " in text else text
+
+
+class PycaffeExecutor:
+    name = "pycaffe"
+
+    def __init__(self, caffe: ModuleType, graph: CaffeGraph, caffemodel: Path, outputs: Sequence[str]) -> None:
+        self.version = str(getattr(caffe, "__version__", "unknown"))
+        self._net = caffe.Net(str(graph.path), str(caffemodel), caffe.TEST)
+        self._outputs = list(outputs)
+
+    def forward(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        net = self._net
+        reshaped = False
+        for name, array in inputs.items():
+            if tuple(net.blobs[name].data.shape) != array.shape:
+                net.blobs[name].reshape(*array.shape)
+                reshaped = True
+        if reshaped:
+            net.reshape()
+        for name, array in inputs.items():
+            net.blobs[name].data[...] = array
+        net.forward(blobs=self._outputs)
+        # Caffe reuses blob memory on the next forward: hand out copies.
+        return {name: np.array(net.blobs[name].data, dtype=np.float32, copy=True) for name in self._outputs}
+
+
+def import_pycaffe() -> tuple[ModuleType | None, str]:
+    """The user's Caffe, or why it cannot be imported."""
+    try:
+        return importlib.import_module("caffe"), ""
+    except Exception as exc:  # noqa: BLE001 - a broken Caffe build raises more than ImportError
+        return None, f"{type(exc).__name__}: {exc}"
+
+
+# -- the backend -----------------------------------------------------------------------------
+
+
+class CaffeBackend(InProcessBackend):
+    runtime = "caffe"
+    config: CaffeConfig
+
+    def __init__(self, config: CaffeConfig, inputs: Sequence[TensorConfig], outputs: Sequence[TensorConfig]) -> None:
+        super().__init__(config, inputs, outputs)
+        self.executor_name = config.executor
+        self.executor_version = ""
+        self._transform: CaffeTransform | None = None
+        self._pool: queue.SimpleQueue[CaffeExecutor] = queue.SimpleQueue()
+
+    def load_blocking(self) -> None:
+        config = self.config
+        for kind, path in (("prototxt", config.prototxt), ("caffemodel", config.caffemodel)):
+            if not Path(path).is_file():
+                raise ConfigError(f"{kind} {path} not found")
+        graph = CaffeGraph.from_net(read_prototxt(config.prototxt), config.prototxt)
+        graph.check_signature(self.signature)
+        dims = graph.input_dims(self.signature)
+        graph.check_weights(read_caffemodel(config.caffemodel), config.caffemodel, dims)
+        transform = CaffeTransform.from_config(config, dims[self.signature.input_names[0]])
+
+        caffe, reason = (None, "not asked for") if config.executor == "opencv" else import_pycaffe()
+        if config.executor == "pycaffe" and caffe is None:
+            raise ConfigError(
+                f"executor 'pycaffe' was asked for, but `import caffe` failed ({reason}); "
+                "install the user's Caffe build here or choose executor 'opencv'"
+            )
+        outputs = self.signature.output_names
+        executors: list[CaffeExecutor] = [
+            PycaffeExecutor(caffe, graph, config.caffemodel, outputs) if caffe is not None
+            else OpenCVExecutor(graph, config.caffemodel, outputs)
+            for _ in range(config.threads)
+        ]
+        if config.executor == "auto":
+            log.info("caffe model %s: executor auto chose %s%s", config.prototxt, executors[0].name,
+                     "" if caffe is not None else f" (pycaffe unavailable: {reason})")
+        self._warm_up(executors, graph, dims)
+        self._transform = transform
+        self.executor_name, self.executor_version = executors[0].name, executors[0].version
+        self._pool = queue.SimpleQueue()
+        for executor in executors:
+            self._pool.put(executor)
+
+    def _warm_up(self, executors: list[CaffeExecutor], graph: CaffeGraph, dims: dict[str, Dims | None]) -> None:
+        """Run one zero batch where every input shape is known, so a net that cannot run fails start-up."""
+        if not all(shape is not None and all(dim is not None for dim in shape[1:]) for shape in dims.values()):
+            return
+        batch = {name: np.zeros((1, *shape[1:]), np.float32) for name, shape in dims.items()}
+        for executor in executors:
+            try:
+                executor.forward(batch)
+            except Exception as exc:  # noqa: BLE001 - whatever the runtime raises, start-up must fail
+                shapes = ", ".join(f"{name} {list(array.shape)}" for name, array in batch.items())
+                raise ConfigError(
+                    f"{executor.name} cannot run {graph.path} with {self.config.caffemodel} "
+                    f"on input {shapes}: {_cv_message(exc)}"
+                ) from None
+
+    def run_blocking(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        first = self.signature.input_names[0]
+        batch = {}
+        for name, array in inputs.items():
+            if name == first and self._transform is not None:
+                batch[name] = self._transform(array)
+            else:
+                batch[name] = np.ascontiguousarray(array, dtype=np.float32)
+        executor = self._pool.get()
+        try:
+            return executor.forward(batch)
+        finally:
+            self._pool.put(executor)
+
+    def describe(self) -> dict[str, str]:
+        facts = {"runtime": self.runtime, "executor": self.executor_name}
+        if self.executor_version:
+            facts["executor_version"] = self.executor_version
+        facts["prototxt"] = Path(self.config.prototxt).name
+        if self._transform is not None:
+            facts["preprocessing"] = self._transform.summary()
+        return facts
