@@ -9,8 +9,9 @@ does the same inside the model; the buggy one forgets the channel swap.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
