@@ -37,8 +37,10 @@ Dims = tuple[int | None, ...]  # None: a dimension not known before a request ar
 
 
 def _caffe_pb2():
-    from protos import caffe_pb2
-
+    try:
+        from protos import caffe_pb2
+    except ImportError as exc:
+        raise ConfigError(f"protos/caffe_pb2.py is missing ({exc}); generate it with `make protos`") from None
     return caffe_pb2
 
 
@@ -584,7 +586,10 @@ class PycaffeExecutor:
 
     def __init__(self, caffe: ModuleType, graph: CaffeGraph, caffemodel: Path, outputs: Sequence[str]) -> None:
         self.version = str(getattr(caffe, "__version__", "unknown"))
-        self._net = caffe.Net(str(graph.path), str(caffemodel), caffe.TEST)
+        try:
+            self._net = caffe.Net(str(graph.path), str(caffemodel), caffe.TEST)
+        except Exception as exc:  # pycaffe raises plain RuntimeErrors, and more
+            raise ConfigError(f"pycaffe cannot load {graph.path} / {caffemodel}: {exc}") from exc
         self._outputs = list(outputs)
 
     def forward(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
