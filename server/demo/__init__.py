@@ -99,15 +99,22 @@ def _rate(value: float | None) -> str:
     return f"{value * 100:.1f}%" if value is not None else "-"
 
 
-def summary_table(pairs: list[ModelPair]) -> str:
-    header = ("model", "candidate", "compared", "match", "top-1 agree", "max|d| p50", "max|d| p99",
+def _skipped(registry, model: str) -> float:
+    """Shadowed requests not compared: skipped when saturated, timed out or failed."""
+    return sum(registry.get_sample_value("shadowserve_shadow_skipped_total", {"model": model, "reason": reason}) or 0
+               for reason in ("saturated", "timeout", "error"))
+
+
+def summary_table(pairs: list[ModelPair], registry) -> str:
+    header = ("model", "candidate", "compared", "skipped", "match", "top-1 agree", "max|d| p50", "max|d| p99",
               "legacy p50/p99 ms", "candidate p50/p99 ms")
     rows = [header]
     descriptions = dict(PAIRS)
     for pair in pairs:
         s = pair.window.summary()
         rows.append((
-            pair.name, descriptions.get(pair.name, ""), str(s.compared), _rate(s.match_rate), _rate(s.top1_agreement),
+            pair.name, descriptions.get(pair.name, ""), str(s.compared), str(int(_skipped(registry, pair.name))),
+            _rate(s.match_rate), _rate(s.top1_agreement),
             f"{s.max_abs_p50:.1e}" if s.max_abs_p50 is not None else "-",
             f"{s.max_abs_p99:.1e}" if s.max_abs_p99 is not None else "-",
             f"{_ms(s.latency_p50['legacy'])} / {_ms(s.latency_p99['legacy'])}",
@@ -119,12 +126,11 @@ def summary_table(pairs: list[ModelPair]) -> str:
     return "\n".join(lines)
 
 
-async def _settle(gateway, expected: int, timeout_s: float = 10.0) -> None:
-    """Wait until shadow work of the driven requests has been compared (it runs after replies)."""
+async def _settle(gateway, timeout_s: float = 30.0) -> None:
+    """Wait until the shadow work of the driven requests is done (it runs after the replies)."""
+    dispatcher = gateway.dispatcher
     deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if all(pair.window.summary().samples >= expected for pair in gateway.dispatcher.pairs.values()):
-            return
+    while (dispatcher.shadow_in_flight or dispatcher.comparisons_queued) and time.monotonic() < deadline:
         await asyncio.sleep(0.05)
 
 
@@ -142,10 +148,10 @@ async def run_demo(requests: int = 2000, legacy: str = "mxnet", serve: bool = Fa
         try:
             for name, _ in PAIRS:
                 await drive(url, name, requests)
-            await _settle(gateway, requests)
+            await _settle(gateway)
             pairs = list(gateway.dispatcher.pairs.values())
             print()
-            print(summary_table(pairs))
+            print(summary_table(pairs, gateway.registry))
             if serve:
                 print(f"\nserving until Ctrl-C: point a Triton client at {url}")
                 await asyncio.Event().wait()
