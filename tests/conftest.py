@@ -34,6 +34,26 @@ async def running_gateway(config: dict[str, Any], base_dir: Path | None = None) 
         await gateway.stop(grace_s=0.5)
 
 
+@pytest.fixture
+async def model_server():
+    """Starts real scripted KServe v2 model servers (tests/support/kserve.py); stops them after the test.
+
+    `url, behaviour = await model_server(Behaviour(...), model="m")`
+    """
+    from tests.support.kserve import start_model_server
+
+    servers = []
+
+    async def start(behaviour=None, model: str = "m"):
+        server, url, behaviour = await start_model_server(model, behaviour)
+        servers.append(server)
+        return url, behaviour
+
+    yield start
+    for server in servers:
+        await server.stop(0)
+
+
 @pytest.fixture(scope="session")
 def demo_models(tmp_path_factory):
     """The demo's real MXNet classifier and its PyTorch ports (faithful and RGB/BGR-swapped)."""

@@ -10,7 +10,7 @@ from tritonclient.grpc import service_pb2_grpc
 
 from server.codec import CONTENTS_FIELD
 from tests.conftest import running_gateway, sample
-from tests.support.kserve import Behaviour, start_model_server
+from tests.support.kserve import Behaviour
 
 DTYPES = {"FP32": np.float32, "FP16": np.float16, "INT64": np.int64, "INT32": np.int32, "UINT8": np.uint8, "BOOL": np.bool_}
 
@@ -20,8 +20,8 @@ def echo(inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 @pytest.fixture
-async def gateway():
-    server, url, _ = await start_model_server("echo", Behaviour(echo))
+async def gateway(model_server):
+    url, _ = await model_server(Behaviour(echo), model="echo")
     typed = [dt for dt in DTYPES if dt != "FP16"]  # FP16 has no typed contents field
     tensors = lambda prefix, types: [{"name": f"{prefix}_{dt}", "datatype": dt, "shape": [-1, 3]} for dt in types]  # noqa: E731
     legacy = {"runtime": "remote", "url": url, "model": "echo"}
@@ -33,7 +33,6 @@ async def gateway():
     async with running_gateway(config) as running:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{running.grpc_port}") as channel:
             yield running, service_pb2_grpc.GRPCInferenceServiceStub(channel)
-    await server.stop(0)
 
 
 def arrays() -> dict[str, np.ndarray]:

@@ -19,7 +19,7 @@ from server.dispatch import ROUTING_BUCKETS, routing_bucket
 from server.errors import ConfigError
 from tests.conftest import running_gateway, sample
 from tests.server.test_end_to_end import wait_for
-from tests.support.kserve import Behaviour, scale_by, start_model_server
+from tests.support.kserve import Behaviour, scale_by
 
 TENSORS = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [-1, 2]}],
            "outputs": [{"name": "y", "datatype": "FP32", "shape": [-1, 2], "class_scores": True}]}
@@ -33,12 +33,10 @@ def pair_config(legacy_url: str, candidate_url: str, **extra) -> dict:
 
 
 @pytest.fixture
-async def backends():
-    legacy_server, legacy_url, legacy = await start_model_server("m", Behaviour(scale_by(2.0)))
-    candidate_server, candidate_url, candidate = await start_model_server("m", Behaviour(scale_by(2.000001)))
-    yield legacy_url, legacy, candidate_url, candidate
-    await legacy_server.stop(0)
-    await candidate_server.stop(0)
+async def backends(model_server):
+    legacy_url, legacy = await model_server(Behaviour(scale_by(2.0)))
+    candidate_url, candidate = await model_server(Behaviour(scale_by(2.000001)))
+    return legacy_url, legacy, candidate_url, candidate
 
 
 async def ask(client, key: str | None = None) -> str:

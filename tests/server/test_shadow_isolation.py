@@ -12,7 +12,7 @@ from tritonclient.utils import InferenceServerException
 
 from tests.conftest import running_gateway, sample
 from tests.server.test_end_to_end import wait_for
-from tests.support.kserve import Behaviour, scale_by, start_model_server
+from tests.support.kserve import Behaviour, scale_by
 
 PAIR_TENSORS = {
     "inputs": [{"name": "x", "datatype": "FP32", "shape": [-1, 4]}],
@@ -25,13 +25,11 @@ def remote(url: str, timeout_s: float = 2.0) -> dict:
 
 
 @pytest.fixture
-async def backends():
+async def backends(model_server):
     """A real legacy KServe server (y = 2x) and a candidate whose behaviour each test scripts."""
-    legacy_server, legacy_url, legacy = await start_model_server("m", Behaviour(scale_by(2.0)))
-    candidate_server, candidate_url, candidate = await start_model_server("m", Behaviour(scale_by(2.0)))
-    yield legacy_url, legacy, candidate_url, candidate
-    await legacy_server.stop(0)
-    await candidate_server.stop(0)
+    legacy_url, legacy = await model_server(Behaviour(scale_by(2.0)))
+    candidate_url, candidate = await model_server(Behaviour(scale_by(2.0)))
+    return legacy_url, legacy, candidate_url, candidate
 
 
 def config(legacy_url: str, candidate_url: str, candidate_timeout_s: float = 2.0, **extra) -> dict:

@@ -17,7 +17,7 @@ from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc
 
 from tests.server.test_end_to_end import wait_for
-from tests.support.kserve import Behaviour, scale_by, start_model_server
+from tests.support.kserve import Behaviour, scale_by
 from tests.support.prometheus import free_port
 
 
@@ -43,9 +43,9 @@ async def infer_on_fresh_channels(url: str, count: int) -> list[bytes]:
     return answers
 
 
-async def test_two_workers_share_port_metrics_and_routing(tmp_path):
-    legacy_server, legacy_url, legacy = await start_model_server("m", Behaviour(scale_by(2.0)))
-    candidate_server, candidate_url, candidate = await start_model_server("m", Behaviour(scale_by(3.0)))
+async def test_two_workers_share_port_metrics_and_routing(tmp_path, model_server):
+    legacy_url, legacy = await model_server(Behaviour(scale_by(2.0)))
+    candidate_url, candidate = await model_server(Behaviour(scale_by(3.0)))
     grpc_port, metrics_port, admin_port = free_port(), free_port(), free_port()
     remote = lambda url: {"runtime": "remote", "url": url, "model": "m"}  # noqa: E731
     config = {
@@ -94,7 +94,5 @@ async def test_two_workers_share_port_metrics_and_routing(tmp_path):
     finally:
         process.send_signal(signal.SIGTERM)
         output, _ = process.communicate(timeout=30)
-        await legacy_server.stop(0)
-        await candidate_server.stop(0)
     assert process.returncode == 0, output
     assert output.count("serving ['m']") == 2, output  # each worker started its own front on the shared port
