@@ -71,16 +71,23 @@ class TritonServer:
         return self.process.poll() is None
 
     def stop(self) -> int | None:
-        """SIGTERM, then SIGKILL to the whole process group if it does not stop in time."""
+        """SIGTERM and wait; then kill whatever of its process group is left, and its shared memory.
+
+        A clean stop leaves nothing behind. The sweep matters when Triton was killed or exited
+        before unloading its models: Python-backend stubs would live on, orphaned.
+        """
         try:
             if self.process.poll() is None:
                 self.process.send_signal(signal.SIGTERM)
                 try:
                     self.process.wait(STOP_TIMEOUT_S)
                 except subprocess.TimeoutExpired:
-                    _kill_group(self.process)
+                    pass
+            _kill_group(self.process)
             return self.process.returncode
         finally:
+            for segment in Path("/dev/shm").glob(f"pytrtion{self.process.pid}-*"):  # pytriton's prefix
+                segment.unlink(missing_ok=True)
             if self._tmp is not None:
                 self._tmp.cleanup()
                 self._tmp = None
@@ -144,7 +151,6 @@ def start_triton(
         if _wait_ready(server):
             return server
         failure = server.log[-4000:]
-        _kill_group(process)
         server.stop()
         if not any(marker in failure.lower() for marker in _PORT_CLASH_MARKERS):
             break
@@ -164,6 +170,7 @@ def _wait_ready(server: TritonServer) -> bool:
 
 
 def _kill_group(process: subprocess.Popen) -> None:
+    """SIGKILL the child's process group (its own session: only what it started), then reap the child."""
     try:
         os.killpg(process.pid, signal.SIGKILL)
     except ProcessLookupError:
@@ -215,7 +222,6 @@ def _serve(spec: dict) -> int:
         allow_http=False,
         allow_metrics=False,
         exit_on_error=True,
-        exit_timeout_secs=1,
     )
     triton = Triton(config=config, workspace=Path(spec["workdir"]) / "pytriton")
     try:
