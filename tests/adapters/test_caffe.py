@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import sys
 import types
 
@@ -25,18 +24,14 @@ import numpy as np
 import pytest
 import tritonclient.grpc.aio as triton_aio
 
-from adapters.caffe import (
-    CaffeGraph,
-    CaffeTransform,
-    PycaffeExecutor,
-    read_mean_file,
-    read_prototxt,
-)
+from adapters.caffe import CaffeTransform, PycaffeExecutor
+from adapters.caffe_files import CaffeGraph, read_mean_file, read_prototxt
 from server.config import parse_config
 from server.demo.caffe_models import write_caffemodel, write_mean_file
 from server.demo.mxnet_models import synthetic_images
 from server.errors import ConfigError
 from tests.conftest import running_gateway, sample
+from tests.server.test_demo import summary_rows
 from tests.support.caffe_nets import (
     BNNET_PROTOTXT,
     CaffeNetFiles,
@@ -471,11 +466,8 @@ async def test_caffe_demo_faithful_port_matches_and_rgb_port_does_not(capsys):
     from server.demo import run_demo
 
     assert await run_demo(requests=40, legacy="caffe") == 0
-    table = [re.split(r"\s{2,}", line.strip()) for line in capsys.readouterr().out.splitlines()]
-    rows = {row[0]: dict(zip(DEMO_COLUMNS, row)) for row in table if row[0].startswith("classifier")}
+    rows = summary_rows(capsys.readouterr().out)
     faithful, buggy = rows["classifier"], rows["classifier_bgr"]
     assert int(faithful["compared"]) > 0 and faithful["match"] == "100.0%" and faithful["top-1 agree"] == "100.0%"
     assert float(buggy["match"].rstrip("%")) < 80.0 and float(buggy["top-1 agree"].rstrip("%")) < 80.0
 
-
-DEMO_COLUMNS = ("model", "candidate", "compared", "match", "top-1 agree")

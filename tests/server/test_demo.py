@@ -7,19 +7,22 @@ import re
 from server.demo import run_demo
 
 
+def summary_rows(output: str) -> dict[str, dict[str, str]]:
+    """The demo's summary table, as {model: {column: cell}}, read by its own header."""
+    table = [re.split(r"\s{2,}", line.strip()) for line in output.splitlines()]
+    header = next(row for row in table if row[0] == "model")
+    return {row[0]: dict(zip(header, row)) for row in table if row[0].startswith("classifier")}
+
+
+def percent(cell: str) -> float:
+    return float(cell.rstrip("%"))
+
+
 async def test_demo_summary_separates_the_faithful_port_from_the_buggy_one(capsys, tmp_path):
     assert await run_demo(requests=200, workdir=str(tmp_path)) == 0
-    out = capsys.readouterr().out
-    rows = {line.split()[0]: line for line in out.splitlines() if line.startswith("classifier")}
-    assert set(rows) == {"classifier", "classifier_bgr"}, out
-
-    def rates(line: str) -> list[float]:
-        return [float(value) for value in re.findall(r"([\d.]+)%", line)]
-
-    faithful_match, faithful_top1 = rates(rows["classifier"])
-    buggy_match, buggy_top1 = rates(rows["classifier_bgr"])
-    assert faithful_match == 100.0 and faithful_top1 == 100.0
-    assert buggy_top1 < 80.0 and buggy_match < 80.0
-    compared = int(rows["classifier"].split()[rows["classifier"].split().index("port") + 1])
-    skipped = int(rows["classifier"].split()[rows["classifier"].split().index("port") + 2])
-    assert compared + skipped == 200
+    rows = summary_rows(capsys.readouterr().out)
+    faithful, buggy = rows["classifier"], rows["classifier_bgr"]
+    assert percent(faithful["match"]) == 100.0 and percent(faithful["top-1 agree"]) == 100.0
+    assert percent(buggy["match"]) < 80.0 and percent(buggy["top-1 agree"]) < 80.0
+    for row in (faithful, buggy):
+        assert int(row["compared"]) + int(row["skipped"]) == 200  # every shadowed request accounted for
