@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import re
+from pathlib import Path
 
 import numpy as np
 import tritonclient.grpc.aio as triton_aio
@@ -40,3 +43,23 @@ async def test_prometheus_scrapes_every_contract_metric(demo_models, tmp_path):
             p99 = await asyncio.to_thread(query, url, 'histogram_quantile(0.99, sum by (le) '
                                           '(shadowserve_backend_latency_seconds_bucket{role="legacy"}))')
             assert 0 < float(p99[0]["value"][1]) < 5
+            await asyncio.sleep(1.5)  # rate() needs two scrapes in its range
+            await asyncio.to_thread(check_dashboard_queries, url)
+
+
+EVENTS_THIS_RUN_NEVER_HAD = ("backend_errors", "fallbacks", "rollbacks", "config_reloads")
+
+
+def check_dashboard_queries(url: str) -> None:
+    """Every query of the shipped Grafana dashboard runs on a real Prometheus and finds the series it charts."""
+    dashboard = json.loads((Path(__file__).parents[2] / "dashboards" / "shadowserve.json").read_text())
+    model_variable = next(v for v in dashboard["templating"]["list"] if v["name"] == "model")
+    metric, label = re.fullmatch(r"label_values\((\w+), (\w+)\)", model_variable["definition"]).groups()
+    assert query(url, f"count by ({label}) ({metric})"), "the model variable would list nothing"
+    empty = []
+    for panel in dashboard["panels"]:
+        for target in panel["targets"]:
+            promql = target["expr"].replace("$model", "classifier")
+            if not query(url, promql) and not any(event in promql for event in EVENTS_THIS_RUN_NEVER_HAD):
+                empty.append((panel["title"], promql))
+    assert not empty, empty
