@@ -38,7 +38,7 @@ class Gateway:
                  routing: np.ndarray | None = None, serve_metrics: bool = True):
         self.config = config
         self.registry = registry if registry is not None else CollectorRegistry()
-        self.metrics = Metrics(self.registry)
+        self.metrics = Metrics(self.registry, enabled=config.server.metrics)
         self.dispatcher = Dispatcher.from_config(config.models, config.server, self.metrics, routing)
         self.serve_metrics = serve_metrics
         self.rollout = RolloutController(self.dispatcher)

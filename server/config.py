@@ -202,6 +202,10 @@ class ServerConfig(Strict):
     max_shadow_in_flight: int = Field(64, ge=1, description="shadow calls beyond this are skipped")
     max_comparisons_queued: int = Field(256, ge=1, description="comparisons beyond this are skipped")
     workers: int = Field(1, ge=1, le=64)
+    compare: bool = Field(
+        True, description="compare legacy and candidate answers after the reply; false only shadows (no verdicts)"
+    )
+    metrics: bool = Field(True, description="record Prometheus metrics; false records none (to measure their cost)")
     config_poll_s: float = Field(1.0, gt=0, description="how often the config file is checked for edits")
 
     @model_validator(mode="after")

@@ -21,54 +21,73 @@ STAGES = ("off", "shadow", "canary", "cutover", "rolled_back")
 ROLLBACK_REASONS = ("manual", "mismatch_rate", "top1_agreement", "error_rate", "latency")
 
 
-class Metrics:
-    """The gateway's metric families, registered in `registry` (a fresh one per test)."""
+class _Unrecorded:
+    """Stands in for every metric family when metrics are off: each update does nothing."""
 
-    def __init__(self, registry: CollectorRegistry) -> None:
+    def __init__(self, *args, **kwargs) -> None:
+        pass
+
+    def labels(self, *values: str) -> "_Unrecorded":
+        return self
+
+    def inc(self, amount: float = 1) -> None:
+        pass
+
+    dec = set = observe = inc
+
+
+class Metrics:
+    """The gateway's metric families, registered in `registry` (a fresh one per test).
+
+    With `enabled=False` nothing is recorded or exported: only to measure what metrics cost.
+    """
+
+    def __init__(self, registry: CollectorRegistry, enabled: bool = True) -> None:
         self.registry = registry
-        self.requests = Counter(
+        counter, gauge, histogram = (Counter, Gauge, Histogram) if enabled else (_Unrecorded,) * 3
+        self.requests = counter(
             "shadowserve_requests_total", "Inference requests answered, by gRPC status code name.",
             ["model", "code", "served_by"], registry=registry)
-        self.backend_latency = Histogram(
+        self.backend_latency = histogram(
             "shadowserve_backend_latency_seconds", "Latency of one backend call.",
             ["model", "role"], buckets=LATENCY_BUCKETS, registry=registry)
-        self.backend_errors = Counter(
+        self.backend_errors = counter(
             "shadowserve_backend_errors_total", "Backend calls that failed, by gRPC status code name.",
             ["model", "role", "code"], registry=registry)
-        self.comparisons = Counter(
+        self.comparisons = counter(
             "shadowserve_comparisons_total", "Legacy/candidate answer pairs compared, by verdict.",
             ["model", "verdict"], registry=registry)
-        self.divergence = Histogram(
+        self.divergence = histogram(
             "shadowserve_divergence", "Divergence of the candidate output from the legacy output.",
             ["model", "output", "measure"], buckets=DIVERGENCE_BUCKETS, registry=registry)
-        self.top1_agreement = Counter(
+        self.top1_agreement = counter(
             "shadowserve_top1_agreement_total", "Rows of class-score outputs whose top-1 class agrees.",
             ["model", "output", "agree"], registry=registry)
-        self.topk_overlap = Histogram(
+        self.topk_overlap = histogram(
             "shadowserve_topk_overlap_ratio", "Share of the legacy top-k classes found in the candidate top-k.",
             ["model", "output"], buckets=(0.2, 0.4, 0.6, 0.8, 0.99, 1.0), registry=registry)
-        self.shadow_skipped = Counter(
+        self.shadow_skipped = counter(
             "shadowserve_shadow_skipped_total", "Requests not compared, by reason.",
             ["model", "reason"], registry=registry)
-        self.shadow_in_flight = Gauge(
+        self.shadow_in_flight = gauge(
             "shadowserve_shadow_in_flight", "Shadow calls running now.", ["model"],
             registry=registry, multiprocess_mode="livesum")
-        self.shadow_percent = Gauge(
+        self.shadow_percent = gauge(
             "shadowserve_shadow_percent", "Share of requests also sent to the shadow side.", ["model"],
             registry=registry, multiprocess_mode="mostrecent")
-        self.serve_percent = Gauge(
+        self.serve_percent = gauge(
             "shadowserve_serve_percent", "Share of requests answered by the candidate.", ["model"],
             registry=registry, multiprocess_mode="mostrecent")
-        self.stage = Gauge(
+        self.stage = gauge(
             "shadowserve_stage", "Rollout stage of a model pair (1 for the current stage).", ["model", "stage"],
             registry=registry, multiprocess_mode="mostrecent")
-        self.fallbacks = Counter(
+        self.fallbacks = counter(
             "shadowserve_fallbacks_total", "Candidate-served requests answered by the legacy instead.",
             ["model", "reason"], registry=registry)
-        self.rollbacks = Counter(
+        self.rollbacks = counter(
             "shadowserve_rollbacks_total", "Rollbacks of the candidate, by reason.",
             ["model", "reason"], registry=registry)
-        self.config_reloads = Counter(
+        self.config_reloads = counter(
             "shadowserve_config_reloads_total", "Config file reloads, by result.", ["result"], registry=registry)
 
     def for_model(self, model: str, outputs: Iterable[str], class_score_outputs: Iterable[str] = ()) -> "ModelMetrics":
