@@ -10,6 +10,7 @@ import numpy as np
 MATCH, MISMATCH, SHAPE_MISMATCH = "match", "mismatch", "shape_mismatch"
 MEASURES = ("max_abs", "mean_abs", "rel_l2", "cosine")
 _EPS = 1e-12
+BATCH_ELEMENTS = 8192  # elements per output stacked into one array by `compare_many`
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -39,45 +40,70 @@ class Comparison:
         return agree, sum(out.top1_total for out in self.outputs.values())
 
 
-def _rows(array: np.ndarray) -> np.ndarray:
-    return array.reshape(-1, array.shape[-1]) if array.ndim >= 1 else array.reshape(1, 1)
-
-
-def _top_k(rows: np.ndarray, k: int) -> np.ndarray:
-    return np.argpartition(rows, -k, axis=1)[:, -k:]
-
-
 def divergence(legacy: np.ndarray, candidate: np.ndarray, atol: float, rtol: float,
                class_scores: bool = False, top_k: int = 5) -> OutputDivergence:
     """Compare two same-shaped tensors; `legacy` is the reference."""
-    ref = legacy.astype(np.float64, copy=False).ravel()
-    new = candidate.astype(np.float64, copy=False).ravel()
-    diff = np.abs(new - ref)
-    if diff.size == 0:
-        return OutputDivergence(0.0, 0.0, 0.0, 0.0, True)
-    ref_norm, new_norm = float(np.linalg.norm(ref)), float(np.linalg.norm(new))
-    dot = float(np.dot(ref, new))
-    if ref_norm < _EPS and new_norm < _EPS:
-        cosine = 0.0
-    else:
-        cosine = 1.0 - dot / max(ref_norm * new_norm, _EPS)
-    # NaN anywhere fails the tolerance test: comparisons with NaN are False.
-    within = bool(np.all(diff <= atol + rtol * np.abs(ref)))
-    result = dict(
-        max_abs=float(diff.max()),
-        mean_abs=float(diff.mean()),
-        rel_l2=float(np.linalg.norm(new - ref)) / max(ref_norm, _EPS),
-        cosine=cosine,
-        within_tolerance=within,
-    )
-    if class_scores and legacy.ndim >= 1 and legacy.shape[-1] > 0:
-        ref_rows, new_rows = _rows(legacy), _rows(candidate)
-        agree = int(np.count_nonzero(ref_rows.argmax(axis=1) == new_rows.argmax(axis=1)))
-        k = min(top_k, ref_rows.shape[1])
-        ref_top, new_top = _top_k(ref_rows, k), _top_k(new_rows, k)
-        overlap = (ref_top[:, :, None] == new_top[:, None, :]).any(axis=2).sum(axis=1) / k
-        result.update(top1_agree=agree, top1_total=ref_rows.shape[0], topk_overlap=float(overlap.mean()))
-    return OutputDivergence(**result)
+    return divergences([legacy], [candidate], atol, rtol, class_scores, top_k)[0]
+
+
+def divergences(legacy: Sequence[np.ndarray], candidate: Sequence[np.ndarray], atol: float, rtol: float,
+                class_scores: bool = False, top_k: int = 5) -> list[OutputDivergence]:
+    """`divergence` of many pairs of tensors that all have one shape and dtype, in one set of numpy calls.
+
+    Each numpy call costs microseconds whatever the size of a small output, so pairs stacked into
+    one array per side cost little more than one pair.
+    """
+    count, shape = len(legacy), legacy[0].shape
+    size = legacy[0].size
+    if size == 0:
+        return [OutputDivergence(0.0, 0.0, 0.0, 0.0, True)] * count
+    ref = np.array(legacy, dtype=np.float64).reshape(count, size)
+    new = np.array(candidate, dtype=np.float64).reshape(count, size)
+    ref_norm = np.sqrt(np.einsum("ij,ij->i", ref, ref))
+    new_norm = np.sqrt(np.einsum("ij,ij->i", new, new))
+    product = np.maximum(ref_norm * new_norm, _EPS)
+    cosine = np.where((ref_norm < _EPS) & (new_norm < _EPS), 0.0, 1.0 - np.einsum("ij,ij->i", ref, new) / product)
+    if class_scores and len(shape) >= 1:
+        top = _class_agreement(ref, new, count, shape[-1], top_k)
+    diff = np.subtract(new, ref, out=new)  # `new` is not needed any more: reuse its memory
+    rel_l2 = np.sqrt(np.einsum("ij,ij->i", diff, diff)) / np.maximum(ref_norm, _EPS)
+    diff = np.abs(diff, out=diff)
+    max_abs = diff.max(axis=1)
+    mean_abs = diff.sum(axis=1) / size
+    # Differences all within atol pass whatever rtol says; NaN fails: comparisons with NaN are False.
+    within = max_abs <= atol
+    if not within.all():
+        rest = ~within
+        within[rest] = (diff[rest] <= atol + rtol * np.abs(ref[rest])).all(axis=1)
+    columns = [max_abs.tolist(), mean_abs.tolist(), rel_l2.tolist(), cosine.tolist(), within.tolist()]
+    if class_scores and len(shape) >= 1:
+        columns += top
+    return [OutputDivergence(*row) for row in zip(*columns)]
+
+
+def _class_agreement(ref: np.ndarray, new: np.ndarray, count: int, classes: int, top_k: int) -> list[list]:
+    """Top-1 agreements, rows and top-k overlap per tensor, over rows of `classes` scores."""
+    rows = ref.shape[1] // classes  # rows of class scores in one tensor
+    ref_rows, new_rows = ref.reshape(count * rows, classes), new.reshape(count * rows, classes)
+    agree = (ref_rows.argmax(axis=1) == new_rows.argmax(axis=1)).reshape(count, rows).sum(axis=1)
+    k = min(top_k, classes)
+    ref_top = ref_rows.argpartition(-k, axis=1)[:, -k:]
+    new_top = new_rows.argpartition(-k, axis=1)[:, -k:]
+    found = (ref_top[:, :, None] == new_top[:, None, :]).any(axis=2).reshape(count, rows * k)
+    return [agree.tolist(), [rows] * count, (found.sum(axis=1) / (rows * k)).tolist()]
+
+
+def _shape_problem(legacy: Mapping[str, np.ndarray], candidate: Mapping[str, np.ndarray],
+                   output_names: Sequence[str]) -> str:
+    for name in output_names:
+        ref, new = legacy.get(name), candidate.get(name)
+        if new is None:
+            return f"candidate did not return output {name!r}"
+        if ref is None:
+            return f"legacy did not return output {name!r}"
+        if ref.shape != new.shape or ref.dtype != new.dtype:
+            return f"output {name!r}: legacy {ref.dtype}{list(ref.shape)}, candidate {new.dtype}{list(new.shape)}"
+    return ""
 
 
 def compare(
@@ -90,19 +116,37 @@ def compare(
     top_k: int = 5,
 ) -> Comparison:
     """Compare every declared output; the verdict is the worst over them."""
-    for name in output_names:
-        ref, new = legacy.get(name), candidate.get(name)
-        if new is None:
-            return Comparison(SHAPE_MISMATCH, {}, f"candidate did not return output {name!r}")
-        if ref is None:
-            return Comparison(SHAPE_MISMATCH, {}, f"legacy did not return output {name!r}")
-        if ref.shape != new.shape or ref.dtype != new.dtype:
-            return Comparison(
-                SHAPE_MISMATCH, {}, f"output {name!r}: legacy {ref.dtype}{list(ref.shape)}, candidate {new.dtype}{list(new.shape)}"
-            )
-    outputs = {
-        name: divergence(legacy[name], candidate[name], atol, rtol, name in class_score_outputs, top_k)
-        for name in output_names
-    }
-    verdict = MATCH if all(out.within_tolerance for out in outputs.values()) else MISMATCH
-    return Comparison(verdict, outputs)
+    return compare_many([(legacy, candidate)], output_names, class_score_outputs, atol, rtol, top_k)[0]
+
+
+def compare_many(
+    pairs: Sequence[tuple[Mapping[str, np.ndarray], Mapping[str, np.ndarray]]],
+    output_names: Sequence[str],
+    class_score_outputs: frozenset[str] = frozenset(),
+    atol: float = 1e-5,
+    rtol: float = 1e-4,
+    top_k: int = 5,
+) -> list[Comparison]:
+    """`compare` of many (legacy, candidate) answer pairs; pairs of one output shape share numpy calls."""
+    results: list[Comparison | None] = [None] * len(pairs)
+    groups: dict[tuple, list[int]] = {}
+    for index, (legacy, candidate) in enumerate(pairs):
+        problem = _shape_problem(legacy, candidate, output_names)
+        if problem:
+            results[index] = Comparison(SHAPE_MISMATCH, {}, problem)
+        else:
+            groups.setdefault(tuple((legacy[n].shape, legacy[n].dtype) for n in output_names), []).append(index)
+    for indices in groups.values():
+        elements = sum(pairs[indices[0]][0][name].size for name in output_names)
+        step = max(1, BATCH_ELEMENTS // max(elements, 1))  # stacked arrays stay small enough for the cache
+        for start in range(0, len(indices), step):
+            chunk = indices[start:start + step]
+            measured = [
+                divergences([pairs[i][0][name] for i in chunk], [pairs[i][1][name] for i in chunk],
+                            atol, rtol, name in class_score_outputs, top_k)
+                for name in output_names
+            ]
+            for index, outputs in zip(chunk, zip(*measured)):
+                verdict = MATCH if all(out.within_tolerance for out in outputs) else MISMATCH
+                results[index] = Comparison(verdict, dict(zip(output_names, outputs)))
+    return results  # type: ignore[return-value]

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import functools
 import hashlib
 import logging
 import mmap
@@ -17,7 +18,7 @@ from typing import Callable, Iterable
 import numpy as np
 
 from adapters.base import Backend
-from server.compare import MISMATCH, Comparison, compare
+from server.compare import MISMATCH, Comparison, compare_many
 from server.config import ModelPairConfig, ServerConfig, TensorConfig
 from server.errors import (
     BackendError,
@@ -34,9 +35,12 @@ from server.window import RecentWindow
 log = logging.getLogger("shadowserve.dispatch")
 
 ROUTING_BUCKETS = 10_000
-# Comparisons of outputs up to this many elements run on the event loop right after the reply;
-# larger ones go to the comparison thread so they never stall other requests.
+# Comparisons of outputs up to this many elements run on the event loop, batched: answers wait up to
+# COMPARE_BATCH_S and are compared together, since numpy's cost per call, not per element, dominates
+# small outputs. Larger ones go to the comparison thread so they never stall other requests.
 INLINE_COMPARE_MAX_ELEMENTS = 65_536
+COMPARE_BATCH_S = 0.02
+COMPARE_BATCH_MAX = 256
 Outputs = dict[str, np.ndarray]
 
 
@@ -121,10 +125,14 @@ class Dispatcher:
         self.pairs: dict[str, ModelPair] = {pair.name: pair for pair in pairs}
         self.max_shadow_in_flight = server.max_shadow_in_flight
         self.max_comparisons_queued = server.max_comparisons_queued
+        self.compare_outputs = server.compare
         self.shadow_in_flight = 0
         self.comparisons_queued = 0
         self._compare_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="compare")
         self._tasks: set[asyncio.Task] = set()
+        self._pending: list[tuple[ModelPair, Outputs, Outputs]] = []  # answers waiting to be compared together
+        self._pending_elements = 0
+        self._pending_timer: asyncio.TimerHandle | None = None
         self.comparison_listeners: list[Callable[[ModelPair, Comparison | None], None]] = []
 
     @classmethod
@@ -176,6 +184,8 @@ class Dispatcher:
                 delay = min(delay * 2, 30.0)
 
     async def close(self) -> None:
+        if self._pending_timer is not None:
+            self._pending_timer.cancel()
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -222,17 +232,12 @@ class Dispatcher:
         return outputs
 
     async def _shadowed(self, pair: ModelPair, candidate: Backend | None, request: InferRequest, shadow: bool) -> Outputs:
-        legacy_result = self._start_shadow(pair, candidate, request) if shadow else None
+        shadow_call = self._start_shadow(pair, candidate, request) if shadow else None
         if not shadow and candidate is not None:
             pair.metrics.skipped["sampled_out"].inc()
-        try:
-            outputs = await self._call_legacy(pair, request)
-        except BaseException:
-            if legacy_result is not None:
-                legacy_result.cancel()
-            raise
-        if legacy_result is not None:
-            legacy_result.set_result(outputs)
+        outputs = await self._call_legacy(pair, request)  # a legacy failure leaves nothing to compare
+        if shadow_call is not None:
+            shadow_call.add_done_callback(functools.partial(self._compare_after_shadow, pair, outputs))
         return outputs
 
     async def _canary(self, pair: ModelPair, candidate: Backend, request: InferRequest) -> tuple[Outputs, str]:
@@ -255,8 +260,8 @@ class Dispatcher:
         if not legacy_task.cancelled() and legacy_task.exception() is None:
             self._schedule_comparison(pair, legacy_task.result(), candidate_outputs)
 
-    def _start_shadow(self, pair: ModelPair, candidate: Backend | None, request: InferRequest) -> asyncio.Future | None:
-        """Start the candidate call now; returns the future the legacy result is handed through."""
+    def _start_shadow(self, pair: ModelPair, candidate: Backend | None, request: InferRequest) -> asyncio.Task | None:
+        """Start the candidate call now, as a task of its own; None when it is skipped (and counted)."""
         if candidate is None:
             return None
         if not candidate.ready:
@@ -265,29 +270,27 @@ class Dispatcher:
         if self.shadow_in_flight >= self.max_shadow_in_flight:
             pair.metrics.skipped["saturated"].inc()
             return None
-        legacy_result = asyncio.get_running_loop().create_future()
         self.shadow_in_flight += 1
         pair.metrics.in_flight.inc()
-        self._spawn(self._shadow(pair, candidate, request, legacy_result))
-        return legacy_result
+        return self._spawn(self._shadow(pair, candidate, request))
 
-    async def _shadow(self, pair: ModelPair, candidate: Backend, request: InferRequest, legacy_result: asyncio.Future) -> None:
+    async def _shadow(self, pair: ModelPair, candidate: Backend, request: InferRequest) -> Outputs | None:
+        """The candidate's outputs, or None when it failed (counted as a skip)."""
         try:
-            try:
-                outputs = await self._call(pair, candidate, "candidate", request.inputs, candidate.config.timeout_s)
-            except ShadowServeError as exc:
-                pair.metrics.skipped["timeout" if isinstance(exc, BackendTimeout) else "error"].inc()
-                pair.window.candidate_failed()
-                self._notify(pair, None)
-                return
-            try:
-                legacy_outputs = await legacy_result
-            except asyncio.CancelledError:
-                return  # the legacy failed: the client got its error, there is nothing to compare
+            await asyncio.sleep(0)  # let the legacy call, started right after this task, go out first
+            return await self._call(pair, candidate, "candidate", request.inputs, candidate.config.timeout_s)
+        except ShadowServeError as exc:
+            pair.metrics.skipped["timeout" if isinstance(exc, BackendTimeout) else "error"].inc()
+            pair.window.candidate_failed()
+            self._notify(pair, None)
+            return None
         finally:
             self.shadow_in_flight -= 1
             pair.metrics.in_flight.dec()
-        self._schedule_comparison(pair, legacy_outputs, outputs)
+
+    def _compare_after_shadow(self, pair: ModelPair, legacy_outputs: Outputs, shadow_call: asyncio.Task) -> None:
+        if not shadow_call.cancelled() and (candidate_outputs := shadow_call.result()) is not None:
+            self._schedule_comparison(pair, legacy_outputs, candidate_outputs)
 
     async def _call_legacy(self, pair: ModelPair, request: InferRequest) -> Outputs:
         timeout = pair.legacy.config.timeout_s
@@ -319,29 +322,53 @@ class Dispatcher:
     # -- comparison, after the reply -------------------------------------------------------
 
     def _schedule_comparison(self, pair: ModelPair, legacy: Outputs, candidate: Outputs) -> None:
+        if not self.compare_outputs:
+            return
         size = sum(array.size for array in legacy.values())
-        if size <= INLINE_COMPARE_MAX_ELEMENTS:
-            self._record(pair, self._compare(pair, legacy, candidate))
+        if size > INLINE_COMPARE_MAX_ELEMENTS:
+            if self.comparisons_queued >= self.max_comparisons_queued:
+                pair.metrics.skipped["saturated"].inc()
+                return
+            self.comparisons_queued += 1
+            future = asyncio.get_running_loop().run_in_executor(self._compare_pool, self._compare, pair, [(legacy, candidate)])
+            future.add_done_callback(lambda done: self._compared_in_thread(pair, done))
             return
-        if self.comparisons_queued >= self.max_comparisons_queued:
-            pair.metrics.skipped["saturated"].inc()
-            return
+        if self._pending_elements + size > INLINE_COMPARE_MAX_ELEMENTS or len(self._pending) >= COMPARE_BATCH_MAX:
+            self._compare_pending()
         self.comparisons_queued += 1
-        future = asyncio.get_running_loop().run_in_executor(self._compare_pool, self._compare, pair, legacy, candidate)
-        future.add_done_callback(lambda done: self._compared_in_thread(pair, done))
+        self._pending.append((pair, legacy, candidate))
+        self._pending_elements += size
+        if self._pending_timer is None:
+            self._pending_timer = asyncio.get_running_loop().call_later(COMPARE_BATCH_S, self._compare_pending)
+
+    def _compare_pending(self) -> None:
+        """Compare every waiting pair of small answers together: one set of numpy calls per model and shape."""
+        if self._pending_timer is not None:
+            self._pending_timer.cancel()
+            self._pending_timer = None
+        pending, self._pending, self._pending_elements = self._pending, [], 0
+        by_model: dict[str, tuple[ModelPair, list[tuple[Outputs, Outputs]]]] = {}
+        for pair, legacy, candidate in pending:
+            by_model.setdefault(pair.name, (pair, []))[1].append((legacy, candidate))
+        for pair, items in by_model.values():
+            for comparison in self._compare(pair, items):
+                self._record(pair, comparison)
+        self.comparisons_queued -= len(pending)
 
     def _compared_in_thread(self, pair: ModelPair, done: asyncio.Future) -> None:
         self.comparisons_queued -= 1
         if not done.cancelled():
-            self._record(pair, done.result())
+            self._record(pair, done.result()[0])
 
-    @staticmethod
-    def _compare(pair: ModelPair, legacy: Outputs, candidate: Outputs) -> Comparison:
+    @classmethod
+    def _compare(cls, pair: ModelPair, items: list[tuple[Outputs, Outputs]]) -> list[Comparison]:
         config = pair.config
         try:
-            return compare(legacy, candidate, pair.output_names, pair.class_score_outputs, config.atol, config.rtol, config.top_k)
+            return compare_many(items, pair.output_names, pair.class_score_outputs, config.atol, config.rtol, config.top_k)
         except Exception as exc:  # outputs numpy cannot compare are a mismatch, never a crash
-            return Comparison(MISMATCH, {}, f"outputs could not be compared: {type(exc).__name__}: {exc}")
+            if len(items) > 1:  # find which: compare them one by one
+                return [comparison for item in items for comparison in cls._compare(pair, [item])]
+            return [Comparison(MISMATCH, {}, f"outputs could not be compared: {type(exc).__name__}: {exc}")]
 
     def _record(self, pair: ModelPair, comparison: Comparison) -> None:
         pair.metrics.comparison(comparison)
