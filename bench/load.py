@@ -1,0 +1,128 @@
+"""The load generator: raw grpc.aio calls over several real connections, fixed concurrency and counts.
+
+Requests are serialized once and sent as bytes (no protobuf work per call on the client side), and
+each channel uses its own subchannel pool, so N channels really are N TCP connections.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import dataclasses
+import time
+
+import grpc
+import numpy as np
+from tritonclient.grpc import service_pb2 as pb
+
+MODEL_INFER = "/inference.GRPCInferenceService/ModelInfer"
+SERVER_READY = "/inference.GRPCInferenceService/ServerReady"
+MAX_MESSAGE_BYTES = 512 << 20
+CHANNEL_OPTIONS = [
+    ("grpc.use_local_subchannel_pool", 1),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+]
+
+
+def infer_request(shape: tuple[int, ...], model: str = "m", seed: int = 0) -> bytes:
+    """A serialized ModelInferRequest with one FP32 input `x` of random values."""
+    data = np.random.default_rng(seed).random(shape, dtype=np.float32)
+    request = pb.ModelInferRequest(model_name=model, id="bench")
+    request.inputs.add(name="x", datatype="FP32", shape=shape)
+    request.raw_input_contents.append(data.tobytes())
+    return request.SerializeToString()
+
+
+@dataclasses.dataclass
+class Run:
+    """One block of requests against one target."""
+
+    latencies_ns: np.ndarray
+    elapsed_s: float
+    errors: dict[str, int]
+
+    @property
+    def throughput(self) -> float:
+        return len(self.latencies_ns) / self.elapsed_s
+
+    def percentile_ms(self, q: float) -> float:
+        return float(np.percentile(self.latencies_ns, q)) / 1e6
+
+
+class Client:
+    """`channels` connections to one gRPC endpoint."""
+
+    def __init__(self, url: str, channels: int = 1) -> None:
+        self.url = url
+        self.channels = [grpc.aio.insecure_channel(url, options=CHANNEL_OPTIONS) for _ in range(channels)]
+        self.infer = [channel.unary_unary(MODEL_INFER) for channel in self.channels]
+        self.sent = 0
+
+    async def wait_ready(self, timeout_s: float, alive=lambda: True) -> None:
+        ready = self.channels[0].unary_unary(
+            SERVER_READY, request_serializer=pb.ServerReadyRequest.SerializeToString,
+            response_deserializer=pb.ServerReadyResponse.FromString)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline and alive():
+            try:
+                if (await ready(pb.ServerReadyRequest(), timeout=1.0)).ready:
+                    return
+            except grpc.aio.AioRpcError:
+                pass
+            await asyncio.sleep(0.1)
+        raise TimeoutError(f"{self.url} did not become ready")
+
+    async def close(self) -> None:
+        await asyncio.gather(*(channel.close() for channel in self.channels))
+
+
+async def closed_loop(client: Client, request: bytes, count: int, concurrency: int, timeout_s: float = 30.0) -> Run:
+    """`count` requests, `concurrency` at a time, spread over the client's connections."""
+    latencies = np.zeros(count, dtype=np.int64)
+    errors: collections.Counter[str] = collections.Counter()
+    issued = 0
+    client.sent += count
+
+    async def worker(call) -> None:
+        nonlocal issued
+        while issued < count:
+            index = issued
+            issued += 1
+            start = time.perf_counter_ns()
+            try:
+                await call(request, timeout=timeout_s)
+            except grpc.aio.AioRpcError as error:
+                errors[error.code().name] += 1
+            latencies[index] = time.perf_counter_ns() - start
+
+    start = time.perf_counter()
+    await asyncio.gather(*(worker(client.infer[i % len(client.infer)]) for i in range(concurrency)))
+    return Run(latencies, time.perf_counter() - start, dict(errors))
+
+
+async def open_loop(client: Client, request: bytes, rate: float, duration_s: float, timeout_s: float = 30.0) -> Run:
+    """Requests sent at a fixed `rate` per second whatever the answers do, for `duration_s`."""
+    count = max(1, int(rate * duration_s))
+    client.sent += count
+    latencies = np.zeros(count, dtype=np.int64)
+    errors: collections.Counter[str] = collections.Counter()
+    loop = asyncio.get_running_loop()
+
+    async def one(index: int) -> None:
+        start = time.perf_counter_ns()
+        try:
+            await client.infer[index % len(client.infer)](request, timeout=timeout_s)
+        except grpc.aio.AioRpcError as error:
+            errors[error.code().name] += 1
+        latencies[index] = time.perf_counter_ns() - start
+
+    tasks = []
+    begin = loop.time()
+    for index in range(count):
+        due = begin + index / rate
+        if due > loop.time():
+            await asyncio.sleep(due - loop.time())
+        tasks.append(loop.create_task(one(index)))
+    await asyncio.gather(*tasks)
+    return Run(latencies, loop.time() - begin, dict(errors))

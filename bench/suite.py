@@ -1,0 +1,496 @@
+"""The benchmark suite: every figure of issue 5, baseline and gateway measured side by side.
+
+Each figure runs its targets in interleaved blocks (A B, then B A, ...) and reports the median over
+repeats of the per-repeat ratio, so slow drift of a shared machine hits both sides alike.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import os
+import re
+import statistics
+import time
+import urllib.request
+from pathlib import Path
+from typing import Callable
+
+from bench import procs
+from bench.load import Client, Run, closed_loop, infer_request, open_loop
+from bench.models import INPUT_SHAPE, build_mxnet_classifier
+
+OUTPUT_SHAPE = (1, 1000)
+MIB = 1 << 20
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """Request counts and durations; `quick` keeps every figure but shrinks the numbers."""
+
+    quick: bool
+    repeats: int
+    serial: int  # requests per block, one at a time
+    isolation: int  # requests per block at ISOLATION_CONCURRENCY
+    saturation: int  # requests per block at SATURATION_CONCURRENCY
+    rate_s: float  # seconds per fixed-rate block (CPU per request)
+    completeness_s: float
+    memory_s: float
+
+
+FULL = Settings(quick=False, repeats=5, serial=400, isolation=1200, saturation=2500, rate_s=5.0,
+                completeness_s=20.0, memory_s=300.0)
+QUICK = Settings(quick=True, repeats=2, serial=60, isolation=150, saturation=400, rate_s=1.5,
+                 completeness_s=2.0, memory_s=5.0)
+
+ISOLATION_CONCURRENCY = 4
+SATURATION_CONCURRENCY = 32
+SATURATION_CHANNELS = 16
+STALL_MS = 200
+REMOTE_MS = 5
+
+
+@dataclasses.dataclass
+class Figure:
+    number: int
+    name: str
+    measure: str
+    value: float
+    target: float
+    at_most: bool  # the value must be <= target (else >=)
+    unit: str = ""
+    per_repeat: list[float] = dataclasses.field(default_factory=list)
+    detail: str = ""
+
+    @property
+    def passed(self) -> bool:
+        return self.value <= self.target if self.at_most else self.value >= self.target
+
+    @property
+    def target_text(self) -> str:
+        return f"{'≤' if self.at_most else '≥'} {self.target:g}{self.unit}"
+
+
+@dataclasses.dataclass
+class Block:
+    """One measured block: the load generator's view plus the target process's CPU."""
+
+    run: Run
+    cpu_s: float | None
+
+    @property
+    def cpu_us_per_request(self) -> float:
+        return (self.cpu_s or 0.0) / len(self.run.latencies_ns) * 1e6
+
+    @property
+    def utilization(self) -> float:
+        return (self.cpu_s or 0.0) / self.run.elapsed_s
+
+
+class Target:
+    """An endpoint under load: a gateway, a baseline server or a backend called directly."""
+
+    def __init__(self, name: str, url: str, process: procs.Process | None) -> None:
+        self.name, self.url, self.process = name, url, process
+        self._clients: dict[int, Client] = {}
+
+    def client(self, channels: int) -> Client:
+        if channels not in self._clients:
+            self._clients[channels] = Client(self.url, channels)
+        return self._clients[channels]
+
+    async def measure(self, load: Callable[[Client], "asyncio.Future[Run]"], channels: int) -> Block:
+        client = self.client(channels)
+        before = self.process.cpu_seconds() if self.process else None
+        run = await load(client)
+        cpu = self.process.cpu_seconds() - before if self.process else None
+        return Block(run, cpu)
+
+    @property
+    def sent(self) -> int:
+        return sum(client.sent for client in self._clients.values())
+
+    async def close(self) -> None:
+        await asyncio.gather(*(client.close() for client in self._clients.values()))
+
+
+def _median(values: list[float]) -> float:
+    return float(statistics.median(values))
+
+
+def _ms(value: float) -> str:
+    return f"{value:.2f} ms"
+
+
+class Suite:
+    def __init__(self, settings: Settings, workdir: Path, log: Callable[[str], None]) -> None:
+        self.settings = settings
+        self.workdir = workdir
+        self.log = log
+        self.figures: list[Figure] = []
+        self.notes: dict[str, str] = {}
+        self.processes: list[procs.Process] = []
+        self.targets: dict[str, Target] = {}
+        cpus = sorted(procs.all_cpus())
+        # The system under test (gateway or baseline server) gets CPU 0; load generator and backends the rest.
+        self.sut_cpus = {cpus[0]}
+        self.rest_cpus = set(cpus[1:]) or {cpus[0]}
+        self.request = infer_request(OUTPUT_SHAPE)
+        self.image_request = infer_request(INPUT_SHAPE)
+
+    # -- processes -----------------------------------------------------------------------------
+
+    def _server(self, name: str, kind: str, *args: str) -> procs.Process:
+        process = procs.start_server(kind, self.workdir, name, *args)
+        self.processes.append(process)
+        return process
+
+    def _gateway(self, name: str, models: list[dict], workers: int = 1, **server: object) -> procs.Gateway:
+        gateway = procs.Gateway(name, models, self.workdir, workers=workers, **server)
+        self.processes.append(gateway)
+        return gateway
+
+    @staticmethod
+    def _pair(legacy: dict, candidate: dict | None = None, shadow_percent: float = 100, **extra: object) -> list[dict]:
+        model = {"name": "m", "inputs": [{"name": "x", "datatype": "FP32", "shape": [1, -1]}],
+                 "outputs": [{"name": "y", "datatype": "FP32", "shape": [1, -1], "class_scores": True}],
+                 "legacy": legacy, **extra}
+        if candidate is not None:
+            model.update(candidate=candidate, shadow_percent=shadow_percent)
+        return [model]
+
+    async def start(self) -> None:
+        """Start every backend, baseline and gateway at once (unpinned, so start-up uses both cores)."""
+        self.log("building the MXNet model and starting backends")
+        symbol, params = build_mxnet_classifier(self.workdir)
+        backends = {
+            "legacy-5ms": ("kserve", "--delay-ms", str(REMOTE_MS)),
+            "candidate-5ms": ("kserve", "--delay-ms", str(REMOTE_MS)),
+            "candidate-stalled": ("kserve", "--delay-ms", str(STALL_MS)),
+            "candidate-unavailable": ("kserve", "--fail", "UNAVAILABLE"),
+            "candidate-hung": ("kserve", "--hang"),
+            "legacy": ("kserve",),
+            "candidate": ("kserve",),
+            "echo": ("echo",),
+            "mxnet-bare": ("mxnet", "--symbol", str(symbol), "--params", str(params)),
+        }
+        started = {name: self._server(name, *args) for name, args in backends.items()}
+        urls = {name: f"127.0.0.1:{process.read_port(120)}" for name, process in started.items()}
+        for name, process in started.items():
+            self.targets[name] = Target(name, urls[name], process)
+        relays = {"relay": ("--legacy", urls["legacy"]),
+                  "relay-shadow": ("--legacy", urls["legacy"], "--candidate", urls["candidate"])}
+        for name, args in relays.items():
+            process = self._server(name, "relay", *args)
+            self.targets[name] = Target(name, f"127.0.0.1:{process.read_port(120)}", process)
+
+        def remote(name: str, **extra: object) -> dict:
+            return {"runtime": "remote", "url": urls[name], "model": "m", **extra}
+
+        mxnet = {"runtime": "mxnet", "symbol": str(symbol), "params": str(params), "tensor_names": {"x": "data"}}
+        mxnet_pair = self._pair(mxnet)
+        mxnet_pair[0]["inputs"][0]["shape"] = [-1, *INPUT_SHAPE[1:]]
+        mxnet_pair[0]["outputs"][0]["shape"] = [-1, OUTPUT_SHAPE[1]]
+        gateways = {
+            "gw-shadow-5ms": dict(models=self._pair(remote("legacy-5ms"), remote("candidate-5ms"))),
+            "gw-mxnet": dict(models=mxnet_pair),
+            "gw-off-5ms": dict(models=self._pair(remote("legacy-5ms"), remote("candidate-stalled"), 0)),
+            "gw-stalled-5ms": dict(models=self._pair(remote("legacy-5ms"), remote("candidate-stalled"))),
+            "gw-unavailable-5ms": dict(models=self._pair(remote("legacy-5ms"), remote("candidate-unavailable"))),
+            "gw-shadow": dict(models=self._pair(remote("legacy"), remote("candidate"))),
+            "gw-no-shadow": dict(models=self._pair(remote("legacy"), remote("candidate"), 0)),
+            "gw-no-compare": dict(models=self._pair(remote("legacy"), remote("candidate")), compare=False, metrics=False),
+            "gw-1-worker": dict(models=self._pair(remote("legacy"), remote("candidate"))),
+            "gw-2-workers": dict(models=self._pair(remote("legacy"), remote("candidate")), workers=2),
+            "gw-hung": dict(models=self._pair(remote("legacy"), remote("candidate-hung"))),
+        }
+        for name, spec in gateways.items():
+            gateway = self._gateway(name, **spec)
+            self.targets[name] = Target(name, gateway.url, gateway)
+        self.notes["gateway command"] = self.targets["gw-shadow"].process.command  # type: ignore[union-attr]
+        self.log(f"waiting for {len(gateways)} gateways")
+        await asyncio.gather(*(self._ready(self.targets[name]) for name in gateways))
+        sut = ["echo", "mxnet-bare", *relays, *(name for name in gateways if name not in ("gw-1-worker", "gw-2-workers"))]
+        for name, target in self.targets.items():
+            procs.pin(target.process.pid, self.sut_cpus if name in sut else self.rest_cpus)  # type: ignore[union-attr]
+        procs.pin(os.getpid(), self.rest_cpus)
+
+    async def _ready(self, target: Target) -> None:
+        process = target.process
+        try:
+            await target.client(1).wait_ready(120, alive=lambda: process.popen.poll() is None)
+        except TimeoutError:
+            raise RuntimeError(f"{target.name} did not start:\n{process.log_tail()}") from None
+
+    async def stop(self) -> None:
+        await asyncio.gather(*(target.close() for target in self.targets.values()))
+        for process in self.processes:
+            process.stop()
+
+    # -- measuring -----------------------------------------------------------------------------
+
+    async def interleaved(self, names: list[str], load: Callable[[Client], "asyncio.Future[Run]"], channels: int,
+                          warmup: Callable[[Client], "asyncio.Future[Run]"] | None = None) -> dict[str, list[Block]]:
+        """Blocks of `load` on each target in turn, the order reversed every other repeat."""
+        targets = [self.targets[name] for name in names]
+        for target in targets:
+            await (warmup or load)(target.client(channels))
+        blocks: dict[str, list[Block]] = {name: [] for name in names}
+        for repeat in range(self.settings.repeats):
+            for target in targets if repeat % 2 == 0 else reversed(targets):
+                block = await target.measure(load, channels)
+                if block.run.errors:
+                    raise RuntimeError(f"{target.name}: errors {block.run.errors}")
+                blocks[target.name].append(block)
+        return blocks
+
+    def _ratios(self, blocks: dict[str, list[Block]], gateway: str, baseline: str,
+                value: Callable[[Block], float]) -> list[float]:
+        return [value(g) / value(b) for g, b in zip(blocks[gateway], blocks[baseline])]
+
+    def add(self, figure: Figure) -> None:
+        self.figures.append(figure)
+        verdict = "PASS" if figure.passed else "MISS"
+        self.log(f"figure {figure.number} {figure.name}: {figure.value:.3f}{figure.unit} "
+                 f"(target {figure.target_text}) {verdict}")
+
+    # -- the figures ---------------------------------------------------------------------------
+
+    async def added_latency(self) -> None:
+        s = self.settings
+        serial = lambda client: closed_loop(client, self.request, s.serial, 1)  # noqa: E731
+        blocks = await self.interleaved(["legacy-5ms", "gw-shadow-5ms"], serial, 1)
+        for q, target in ((50, 1.15), (99, 1.25)):
+            ratios = self._ratios(blocks, "gw-shadow-5ms", "legacy-5ms", lambda b, q=q: b.run.percentile_ms(q))
+            self.add(Figure(
+                1, f"added latency p{q}, remote legacy {REMOTE_MS} ms, shadowing 100%",
+                f"gateway p{q} / direct-to-legacy p{q}, one request at a time", _median(ratios), target, True,
+                per_repeat=ratios,
+                detail=f"direct {_ms(_median([b.run.percentile_ms(q) for b in blocks['legacy-5ms']]))}, "
+                       f"gateway {_ms(_median([b.run.percentile_ms(q) for b in blocks['gw-shadow-5ms']]))}"))
+        image = lambda client: closed_loop(client, self.image_request, s.serial, 1)  # noqa: E731
+        blocks = await self.interleaved(["mxnet-bare", "gw-mxnet"], image, 1)
+        ratios = self._ratios(blocks, "gw-mxnet", "mxnet-bare", lambda b: b.run.percentile_ms(50))
+        self.add(Figure(
+            1, "added latency p50, in-process MXNet legacy", "gateway p50 / same model behind a bare grpc.aio server",
+            _median(ratios), 1.05, True, per_repeat=ratios,
+            detail=f"bare {_ms(_median([b.run.percentile_ms(50) for b in blocks['mxnet-bare']]))}, "
+                   f"gateway {_ms(_median([b.run.percentile_ms(50) for b in blocks['gw-mxnet']]))}"))
+
+    async def isolation(self) -> None:
+        s = self.settings
+        load = lambda client: closed_loop(client, self.request, s.isolation, ISOLATION_CONCURRENCY)  # noqa: E731
+        names = ["gw-off-5ms", "gw-stalled-5ms", "gw-unavailable-5ms"]
+        blocks = await self.interleaved(names, load, ISOLATION_CONCURRENCY)
+        for name, trouble in (("gw-stalled-5ms", f"stalled {STALL_MS} ms"), ("gw-unavailable-5ms", "UNAVAILABLE")):
+            for q, target in ((99, 1.10), (50, 1.05)):
+                ratios = self._ratios(blocks, name, "gw-off-5ms", lambda b, q=q: b.run.percentile_ms(q))
+                self.add(Figure(
+                    2, f"shadow isolation p{q}, candidate {trouble}",
+                    f"primary p{q} shadowing 100% / shadowing off ({ISOLATION_CONCURRENCY} concurrent)",
+                    _median(ratios), target, True, per_repeat=ratios,
+                    detail=f"off {_ms(_median([b.run.percentile_ms(q) for b in blocks['gw-off-5ms']]))}, "
+                           f"on {_ms(_median([b.run.percentile_ms(q) for b in blocks[name]]))}"))
+
+    async def saturation(self) -> float:
+        """Figure 3; returns the shadowing gateway's saturation throughput for the later figures."""
+        s = self.settings
+        load = lambda client: closed_loop(client, self.request, s.saturation, SATURATION_CONCURRENCY)  # noqa: E731
+        blocks = await self.interleaved(["gw-no-shadow", "gw-shadow", "relay", "relay-shadow"], load, SATURATION_CHANNELS)
+        ratios = self._ratios(blocks, "gw-shadow", "gw-no-shadow", lambda b: b.run.throughput)
+        on, off = blocks["gw-shadow"], blocks["gw-no-shadow"]
+        throughput = _median([b.run.throughput for b in on])
+        cpu_ratio = _median(self._ratios(blocks, "gw-no-shadow", "gw-shadow", lambda b: b.cpu_us_per_request))
+        relay_ratio = _median(self._ratios(blocks, "relay-shadow", "relay", lambda b: b.run.throughput))
+        relay_cpu = {name: _median([b.cpu_us_per_request for b in blocks[name]]) for name in ("relay", "relay-shadow")}
+        self.add(Figure(
+            3, "shadow cost at saturation", "throughput shadowing 100% / shadowing 0%", _median(ratios), 0.80, False,
+            per_repeat=ratios,
+            detail=f"0%: {_median([b.run.throughput for b in off]):.0f} req/s at "
+                   f"{_median([b.utilization for b in off]):.0%} CPU, {_median([b.cpu_us_per_request for b in off]):.0f} µs/req; "
+                   f"100%: {throughput:.0f} req/s at {_median([b.utilization for b in on]):.0%} CPU, "
+                   f"{_median([b.cpu_us_per_request for b in on]):.0f} µs/req "
+                   f"(CPU-bound throughput ratio {cpu_ratio:.2f}); floor, bare relay: {relay_cpu['relay']:.0f} → "
+                   f"{relay_cpu['relay-shadow']:.0f} µs/req, throughput ratio {relay_ratio:.2f}"))
+        return throughput
+
+    async def cpu_per_request(self, saturation: float) -> None:
+        """Figures 4 and 6: CPU per request at one fixed offered rate, half the gateway's saturation."""
+        s = self.settings
+        rate = max(50.0, 0.5 * saturation)
+        load = lambda client: open_loop(client, self.request, rate, s.rate_s)  # noqa: E731
+        warmup = lambda client: open_loop(client, self.request, rate, min(1.0, s.rate_s))  # noqa: E731
+        blocks = await self.interleaved(["echo", "relay-shadow", "gw-shadow", "gw-no-compare"], load, 8, warmup)
+        cpu = {name: _median([b.cpu_us_per_request for b in blocks[name]]) for name in blocks}
+        ratios = self._ratios(blocks, "gw-shadow", "echo", lambda b: b.cpu_us_per_request)
+        self.add(Figure(
+            4, "CPU efficiency", f"gateway CPU-µs/request (shadow + comparison on) / bare grpc.aio echo, at {rate:.0f} req/s",
+            _median(ratios), 3.0, True, per_repeat=ratios,
+            detail=f"echo {cpu['echo']:.0f} µs/req, gateway {cpu['gw-shadow']:.0f} µs/req; floor, bare relay "
+                   f"with shadowing: {cpu['relay-shadow']:.0f} µs/req ({cpu['relay-shadow'] / cpu['echo']:.2f} × echo)"))
+        ratios = self._ratios(blocks, "gw-shadow", "gw-no-compare", lambda b: b.cpu_us_per_request)
+        self.add(Figure(
+            6, "comparison and metrics", f"CPU/request comparison + metrics on / both off, at {rate:.0f} req/s",
+            _median(ratios), 1.05, True, per_repeat=ratios,
+            detail=f"off {cpu['gw-no-compare']:.0f} µs/req, on {cpu['gw-shadow']:.0f} µs/req"))
+
+    async def scale_out(self) -> None:
+        s = self.settings
+        everything = procs.all_cpus()
+        for name in ("legacy", "candidate", "gw-1-worker", "gw-2-workers"):
+            procs.pin(self.targets[name].process.pid, everything)  # type: ignore[union-attr]
+        procs.pin(os.getpid(), everything)
+        gateway = self.targets["gw-2-workers"]
+        counted_before = served_count(scrape(gateway.process.metrics_port))  # type: ignore[union-attr]
+        sent_before = gateway.sent
+        try:
+            load = lambda client: closed_loop(client, self.request, s.saturation, SATURATION_CONCURRENCY)  # noqa: E731
+            blocks = await self.interleaved(["gw-1-worker", "gw-2-workers"], load, SATURATION_CHANNELS)
+            split = await self._worker_split()
+        finally:
+            for name in ("legacy", "candidate"):
+                procs.pin(self.targets[name].process.pid, self.rest_cpus)  # type: ignore[union-attr]
+            procs.pin(os.getpid(), self.rest_cpus)
+        counted = served_count(scrape(gateway.process.metrics_port)) - counted_before  # type: ignore[union-attr]
+        sent = gateway.sent - sent_before
+        ratios = self._ratios(blocks, "gw-2-workers", "gw-1-worker", lambda b: b.run.throughput)
+        one, two = blocks["gw-1-worker"], blocks["gw-2-workers"]
+        self.add(Figure(
+            5, "scale-out", f"saturation throughput 2 workers / 1 worker ({SATURATION_CHANNELS} connections, all cores)",
+            _median(ratios), 1.7, False, per_repeat=ratios,
+            detail=f"1 worker {_median([b.run.throughput for b in one]):.0f} req/s "
+                   f"({_median([b.utilization for b in one]):.0%} CPU); 2 workers "
+                   f"{_median([b.run.throughput for b in two]):.0f} req/s ({_median([b.utilization for b in two]):.0%} CPU, "
+                   f"CPU split between workers {split}); one /metrics counted {counted:.0f} of {sent} requests sent"))
+
+    async def _worker_split(self) -> str:
+        process = self.targets["gw-2-workers"].process
+        workers = process.workers()  # type: ignore[union-attr]
+        before = [procs.cpu_seconds(pid) for pid in workers]
+        await closed_loop(self.targets["gw-2-workers"].client(SATURATION_CHANNELS), self.request,
+                          self.settings.saturation, SATURATION_CONCURRENCY)
+        spent = [procs.cpu_seconds(pid) - b for pid, b in zip(workers, before)]
+        total = sum(spent) or 1.0
+        return "/".join(f"{share / total:.0%}" for share in spent)
+
+    async def completeness(self, saturation: float) -> None:
+        s = self.settings
+        target = self.targets["gw-shadow"]
+        port = target.process.metrics_port  # type: ignore[union-attr]
+        rate = 0.7 * saturation
+        before = scrape(port)
+        run = await open_loop(target.client(8), self.request, rate, s.completeness_s)
+        after = await settled(port)
+        delta = lambda name, **labels: sample(after, name, **labels) - sample(before, name, **labels)  # noqa: E731
+        served = delta("shadowserve_requests_total", code="OK", model="m", served_by="legacy")
+        sampled_out = delta("shadowserve_shadow_skipped_total", model="m", reason="sampled_out")
+        compared = compared_count(after) - compared_count(before)
+        skipped = {reason: delta("shadowserve_shadow_skipped_total", model="m", reason=reason)
+                   for reason in ("saturated", "timeout", "error")}
+        shadowed = served - sampled_out
+        accounted = compared + sum(skipped.values()) == shadowed
+        self.add(Figure(
+            7, "completeness at 70% of saturation", f"compared / shadowed-and-served at {rate:.0f} req/s",
+            compared / shadowed if shadowed else 0.0, 0.99, False,
+            detail=f"{len(run.latencies_ns)} sent, {run.errors or 'no'} errors, {served:.0f} served, "
+                   f"{compared:.0f} compared, skipped {', '.join(f'{k} {v:.0f}' for k, v in skipped.items())}; "
+                   f"every shadowed request compared or counted as skipped: {'yes' if accounted else 'NO'}"))
+        await self.large_message(target, port)
+
+    async def large_message(self, target: Target, port: int) -> None:
+        """A 64 MiB request through the front to both backends and a 64 MiB answer back."""
+        values = 64 * MIB // 4
+        request = infer_request((1, values), seed=1)
+        before = scrape(port)
+        start = time.perf_counter()
+        run = await closed_loop(target.client(1), request, 1, 1, timeout_s=120)
+        elapsed = time.perf_counter() - start
+        ok = not run.errors
+        deadline = time.monotonic() + 60
+        while (compared := compared_count(scrape(port)) - compared_count(before)) < 1 and time.monotonic() < deadline:
+            await asyncio.sleep(0.2)  # a comparison this large runs on the comparison thread
+        self.add(Figure(
+            7, "64 MiB message", "64 MiB requests answered and compared / sent", float(ok and compared == 1), 1.0, False,
+            detail=f"{len(request) / MIB:.1f} MiB request, {'answered' if ok else run.errors} in {elapsed:.1f} s, "
+                   f"{compared:.0f} comparison recorded"))
+
+    async def memory(self) -> None:
+        s = self.settings
+        target = self.targets["gw-hung"]
+        process = target.process
+        client = target.client(SATURATION_CHANNELS)
+        await closed_loop(client, self.request, 500 if s.quick else 3000, SATURATION_CONCURRENCY)
+        start_rss = process.rss_bytes()  # type: ignore[union-attr]
+        samples, sent = [start_rss], 0
+        deadline = time.monotonic() + s.memory_s
+        next_sample = time.monotonic() + min(10.0, s.memory_s)
+        while time.monotonic() < deadline:
+            run = await closed_loop(client, self.request, 500, SATURATION_CONCURRENCY)
+            sent += len(run.latencies_ns)
+            if time.monotonic() >= next_sample:
+                samples.append(process.rss_bytes())  # type: ignore[union-attr]
+                next_sample += 10.0
+        end_rss = process.rss_bytes()  # type: ignore[union-attr]
+        growth = (end_rss - start_rss) / 1e6
+        label = f"{s.memory_s:.0f} s (quick mode; the full run holds 5 minutes)" if s.quick else f"{s.memory_s / 60:.0f} minutes"
+        self.add(Figure(
+            8, "memory with a hung candidate", f"RSS growth after {label} at saturation", growth, 50, True, unit=" MB",
+            detail=f"{sent} requests; RSS {start_rss / 1e6:.0f} MB at start, {end_rss / 1e6:.0f} MB at end, "
+                   f"peak {max(samples) / 1e6:.0f} MB"))
+
+    async def run(self) -> None:
+        try:
+            await self.start()
+            self.log("figure 1: added latency")
+            await self.added_latency()
+            self.log("figure 2: shadow isolation")
+            await self.isolation()
+            self.log("figure 3: saturation")
+            saturation = await self.saturation()
+            self.log("figures 4 and 6: CPU per request")
+            await self.cpu_per_request(saturation)
+            self.log("figure 7: completeness")
+            await self.completeness(saturation)
+            self.log("figure 5: scale-out")
+            await self.scale_out()
+            self.log("figure 8: memory")
+            await self.memory()
+        finally:
+            await self.stop()
+
+
+# -- /metrics ----------------------------------------------------------------------------------
+
+
+def scrape(port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as reply:
+        return reply.read().decode()
+
+
+def sample(text: str, name: str, **labels: str) -> float:
+    """One sample's value from Prometheus text (labels in any order); 0 when absent."""
+    for match in re.finditer(rf"^{re.escape(name)}\{{([^}}]*)\}} (\S+)$", text, re.M):
+        found = dict(re.findall(r'(\w+)="([^"]*)"', match.group(1)))
+        if found == labels:
+            return float(match.group(2))
+    return 0.0
+
+
+def compared_count(text: str) -> float:
+    return sum(sample(text, "shadowserve_comparisons_total", model="m", verdict=verdict)
+               for verdict in ("match", "mismatch", "shape_mismatch"))
+
+
+def served_count(text: str) -> float:
+    return sample(text, "shadowserve_requests_total", code="OK", model="m", served_by="legacy")
+
+
+async def settled(port: int, timeout_s: float = 30.0) -> str:
+    """/metrics once no shadow call is in flight any more, so every outcome is counted."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        text = scrape(port)
+        if sample(text, "shadowserve_shadow_in_flight", model="m") == 0 or time.monotonic() > deadline:
+            return text
+        await asyncio.sleep(0.1)
+
