@@ -178,7 +178,8 @@ class Suite:
         urls = {name: f"127.0.0.1:{process.read_port(120)}" for name, process in started.items()}
         for name, process in started.items():
             self.targets[name] = Target(name, urls[name], process)
-        relays = {"relay": ("--legacy", urls["legacy"]),
+        relays = {"relay-shadow-5ms": ("--legacy", urls["legacy-5ms"], "--candidate", urls["candidate-5ms"]),
+                  "relay": ("--legacy", urls["legacy"]),
                   "relay-shadow": ("--legacy", urls["legacy"], "--candidate", urls["candidate"])}
         for name, args in relays.items():
             process = self._server(name, "relay", *args)
@@ -259,15 +260,18 @@ class Suite:
     async def added_latency(self) -> None:
         s = self.settings
         serial = lambda client: closed_loop(client, self.request, s.serial, 1)  # noqa: E731
-        blocks = await self.interleaved(["legacy-5ms", "gw-shadow-5ms"], serial, 1)
+        blocks = await self.interleaved(["legacy-5ms", "gw-shadow-5ms", "relay-shadow-5ms"], serial, 1)
         for q, target in ((50, 1.15), (99, 1.25)):
             ratios = self._ratios(blocks, "gw-shadow-5ms", "legacy-5ms", lambda b, q=q: b.run.percentile_ms(q))
+            relay = _median(self._ratios(blocks, "relay-shadow-5ms", "legacy-5ms", lambda b, q=q: b.run.percentile_ms(q)))
             self.add(Figure(
                 1, f"added latency p{q}, remote legacy {REMOTE_MS} ms, shadowing 100%",
                 f"gateway p{q} / direct-to-legacy p{q}, one request at a time", _median(ratios), target, True,
                 per_repeat=ratios,
                 detail=f"direct {_ms(_median([b.run.percentile_ms(q) for b in blocks['legacy-5ms']]))}, "
-                       f"gateway {_ms(_median([b.run.percentile_ms(q) for b in blocks['gw-shadow-5ms']]))}"))
+                       f"gateway {_ms(_median([b.run.percentile_ms(q) for b in blocks['gw-shadow-5ms']]))}; floor, bare "
+                       f"relay with shadowing: {_ms(_median([b.run.percentile_ms(q) for b in blocks['relay-shadow-5ms']]))} "
+                       f"(ratio {relay:.2f})"))
         image = lambda client: closed_loop(client, self.image_request, s.serial, 1)  # noqa: E731
         blocks = await self.interleaved(["mxnet-bare", "gw-mxnet"], image, 1)
         ratios = self._ratios(blocks, "gw-mxnet", "mxnet-bare", lambda b: b.run.percentile_ms(50))
@@ -359,8 +363,9 @@ class Suite:
             5, "scale-out", f"saturation throughput 2 workers / 1 worker ({SATURATION_CHANNELS} connections, all cores)",
             _median(ratios), 1.7, False, per_repeat=ratios,
             detail=f"1 worker {_median([b.run.throughput for b in one]):.0f} req/s "
-                   f"({_median([b.utilization for b in one]):.0%} CPU); 2 workers "
-                   f"{_median([b.run.throughput for b in two]):.0f} req/s ({_median([b.utilization for b in two]):.0%} CPU, "
+                   f"({_median([b.utilization for b in one]):.0%} of a core, {_median([b.cpu_us_per_request for b in one]):.0f} µs/req); "
+                   f"2 workers {_median([b.run.throughput for b in two]):.0f} req/s "
+                   f"({_median([b.utilization for b in two]):.0%} of a core, {_median([b.cpu_us_per_request for b in two]):.0f} µs/req, "
                    f"CPU split between workers {split}); one /metrics counted {counted:.0f} of {sent} requests sent"))
 
     async def _worker_split(self) -> str:
@@ -380,15 +385,19 @@ class Suite:
         rate = 0.7 * saturation
         before = scrape(port)
         run = await open_loop(target.client(8), self.request, rate, s.completeness_s)
-        after = await settled(port)
-        delta = lambda name, **labels: sample(after, name, **labels) - sample(before, name, **labels)  # noqa: E731
-        served = delta("shadowserve_requests_total", code="OK", model="m", served_by="legacy")
-        sampled_out = delta("shadowserve_shadow_skipped_total", model="m", reason="sampled_out")
-        compared = compared_count(after) - compared_count(before)
-        skipped = {reason: delta("shadowserve_shadow_skipped_total", model="m", reason=reason)
-                   for reason in ("saturated", "timeout", "error")}
-        shadowed = served - sampled_out
-        accounted = compared + sum(skipped.values()) == shadowed
+        deadline = time.monotonic() + 30
+        while True:  # outcomes land after the replies: wait until all are in (or they never will be)
+            after = scrape(port)
+            delta = lambda name, **labels: sample(after, name, **labels) - sample(before, name, **labels)  # noqa: E731
+            served = delta("shadowserve_requests_total", code="OK", model="m", served_by="legacy")
+            shadowed = served - delta("shadowserve_shadow_skipped_total", model="m", reason="sampled_out")
+            compared = compared_count(after) - compared_count(before)
+            skipped = {reason: delta("shadowserve_shadow_skipped_total", model="m", reason=reason)
+                       for reason in ("saturated", "timeout", "error")}
+            accounted = compared + sum(skipped.values()) == shadowed
+            if accounted or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.1)
         self.add(Figure(
             7, "completeness at 70% of saturation", f"compared / shadowed-and-served at {rate:.0f} req/s",
             compared / shadowed if shadowed else 0.0, 0.99, False,
@@ -483,14 +492,3 @@ def compared_count(text: str) -> float:
 
 def served_count(text: str) -> float:
     return sample(text, "shadowserve_requests_total", code="OK", model="m", served_by="legacy")
-
-
-async def settled(port: int, timeout_s: float = 30.0) -> str:
-    """/metrics once no shadow call is in flight any more, so every outcome is counted."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        text = scrape(port)
-        if sample(text, "shadowserve_shadow_in_flight", model="m") == 0 or time.monotonic() > deadline:
-            return text
-        await asyncio.sleep(0.1)
-
