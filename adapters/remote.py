@@ -18,6 +18,9 @@ CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.keepalive_time_ms", 30_000),
+    # A channel of its own: after a failed load a fresh channel must not inherit, from gRPC's
+    # process-wide pool, a connection still waiting out its reconnect backoff (up to 2 minutes).
+    ("grpc.use_local_subchannel_pool", 1),
 ]
 
 
@@ -51,6 +54,7 @@ class RemoteBackend(Backend):
                 pb.ModelReadyRequest(name=self.config.model, version=self.config.version), timeout=5.0
             )
         except grpc.aio.AioRpcError as error:
+            await self.close()  # the next attempt connects afresh instead of waiting out a backoff
             raise rpc_failure(f"{self.config.url} model {self.config.model!r} readiness check failed", error) from None
         if not response.ready:
             raise BackendError(f"{self.config.url} reports model {self.config.model!r} not ready", grpc.StatusCode.UNAVAILABLE)

@@ -11,9 +11,6 @@ from server.config import TensorConfig, TritonConfig
 from server.errors import BackendError, BackendTimeout, ConfigError
 
 LOAD_TIMEOUT_S = 5.0
-# Each client gets its own subchannels: a new client after a failed load must not inherit, from
-# gRPC's process-wide pool, a connection still waiting out its reconnect backoff.
-TRITON_CHANNEL_OPTIONS = [*CHANNEL_OPTIONS, ("grpc.use_local_subchannel_pool", 1)]
 
 
 def triton_failure(message: str, error: InferenceServerException) -> BackendError:
@@ -48,7 +45,7 @@ class TritonBackend(RemoteBackend):
 
     async def load(self) -> None:
         if self._client is None:
-            self._client = triton_aio.InferenceServerClient(self.config.url, channel_args=TRITON_CHANNEL_OPTIONS)
+            self._client = triton_aio.InferenceServerClient(self.config.url, channel_args=CHANNEL_OPTIONS)
         model, version = self.config.model, self.config.version
         where = f"Triton at {self.config.url} model {model!r}"
         try:

@@ -179,6 +179,9 @@ class Dispatcher:
             try:
                 await backend.load()
                 log.info("model %s: %s backend loaded %s", pair.name, role, backend.describe())
+            except ConfigError as exc:  # reachable, but serving something the pair cannot use
+                log.error("model %s: %s backend does not fit the configuration: %s", pair.name, role, exc)
+                delay = 30.0
             except Exception as exc:
                 log.warning("model %s: %s backend still not ready: %s", pair.name, role, exc)
                 delay = min(delay * 2, 30.0)
