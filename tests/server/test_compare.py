@@ -3,7 +3,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from server.compare import MATCH, MISMATCH, SHAPE_MISMATCH, compare, divergence
+from server.compare import MATCH, MISMATCH, SHAPE_MISMATCH, compare, compare_many, divergence
 
 
 def test_measures_on_known_values():
@@ -47,3 +47,25 @@ def test_worst_output_decides():
     result = compare(legacy, candidate, ["a", "b"])
     assert result.verdict == MISMATCH
     assert result.outputs["a"].within_tolerance and not result.outputs["b"].within_tolerance
+
+
+def test_batched_comparison_equals_one_by_one():
+    rng = np.random.default_rng(0)
+    scores = lambda rows: rng.random((rows, 6)).astype(np.float32)  # noqa: E731
+    pairs = []
+    for rows in (1, 3, 1, 2, 3):
+        legacy = {"y": scores(rows)}
+        pairs.append((legacy, {"y": legacy["y"] + rng.normal(0, 1e-3, (rows, 6)).astype(np.float32)}))
+    pairs.append(({"y": scores(2)}, {"y": scores(3)}))  # a shape mismatch among them
+    pairs.append(({"y": scores(1)}, {"y": np.full((1, 6), np.nan, np.float32)}))
+    same = scores(1)
+    pairs.append(({"y": same}, {"y": same.copy()}))
+    batched = compare_many(pairs, ["y"], frozenset({"y"}), atol=1e-3, rtol=0, top_k=3)
+    single = [compare(legacy, candidate, ["y"], frozenset({"y"}), atol=1e-3, rtol=0, top_k=3) for legacy, candidate in pairs]
+    assert [c.verdict for c in batched] == [c.verdict for c in single]
+    assert {c.verdict for c in batched} == {MATCH, MISMATCH, SHAPE_MISMATCH}
+    for got, want in zip(batched, single):
+        for name, out in want.outputs.items():
+            np.testing.assert_allclose(list(got.outputs[name].measures().values()), list(out.measures().values()), rtol=1e-12)
+            assert (got.outputs[name].top1_agree, got.outputs[name].top1_total) == (out.top1_agree, out.top1_total)
+            assert got.outputs[name].topk_overlap == pytest.approx(out.topk_overlap)
