@@ -71,7 +71,7 @@ def render(suite: Suite, command: str, started: datetime.datetime, load_before: 
         "Figure 5 unpins everything so two workers can use every core.",
         "- The load generator (`bench/load.py`) sends pre-serialized requests as raw bytes over grpc.aio,",
         "  one TCP connection per channel (`grpc.use_local_subchannel_pool`). Requests carry one FP32 tensor",
-        f"  of 1000 values; answers are 1000 FP32 class scores (`class_scores: true`, so top-1/top-k are compared too).",
+        "  of 1000 values; answers are 1000 FP32 class scores (`class_scores: true`, so top-1/top-k are compared too).",
         f"- Each figure: {settings.repeats} repeats of interleaved blocks (baseline and gateway alternate, order",
         "  reversed every other repeat); the figure is the median of the per-repeat ratios.",
         f"- Gateway command: `{suite.notes.get('gateway command', '')}`",

@@ -5,16 +5,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+from pathlib import Path
 from typing import Any
 
 import grpc
 import numpy as np
 from prometheus_client import CollectorRegistry, start_http_server
 
-from pathlib import Path
-
 from server.admin import start_admin_server
-from server.config import Config
+from server.config import Config, host_port
 from server.dispatch import Dispatcher
 from server.grpc_front import start_grpc_server, update_health
 from server.metrics import Metrics
@@ -24,11 +23,6 @@ from server.rollout import RolloutController
 log = logging.getLogger("shadowserve")
 
 HEALTH_REFRESH_S = 1.0
-
-
-def _host_port(listen: str) -> tuple[str, int]:
-    host, _, port = listen.rpartition(":")
-    return host.strip("[]"), int(port)
 
 
 class Gateway:
@@ -59,7 +53,7 @@ class Gateway:
         if self.watcher is not None:
             self._tasks.append(loop.create_task(self.watcher.run(server.config_poll_s)))
         if self.serve_metrics:
-            host, port = _host_port(server.metrics_listen)
+            host, port = host_port(server.metrics_listen)
             self._http, _ = start_http_server(port, host, registry=self.registry)
             self.metrics_port = self._http.server_port
         log.info("serving %s: gRPC port %d, metrics port %d, admin port %d",

@@ -46,8 +46,14 @@ def _listen_address(value: str) -> str:
 ListenAddress = Annotated[str, AfterValidator(_listen_address)]
 
 
+def host_port(listen: str) -> tuple[str, int]:
+    """HOST:PORT (validated by ListenAddress) split for a socket bind; IPv6 brackets removed."""
+    host, _, port = listen.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
 def is_loopback(listen: str) -> bool:
-    host = listen.rpartition(":")[0].strip("[]")
+    host = host_port(listen)[0]
     if host == "localhost":
         return True
     try:

@@ -12,7 +12,6 @@ from protos import admin_pb2 as pb
 from protos import admin_pb2_grpc
 
 
-
 def _rate(message, field: str) -> str:
     return f"{getattr(message, field) * 100:.1f}%" if message.HasField(field) else "-"
 

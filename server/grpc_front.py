@@ -45,36 +45,29 @@ class StatusInterceptor(grpc.aio.ServerInterceptor):
     @staticmethod
     def _wrap(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         if handler.unary_unary is not None:
-            behaviour = handler.unary_unary
-
-            async def unary(request, context):
-                try:
-                    return await behaviour(request, context)
-                except ShadowServeError as exc:
-                    await context.abort(exc.code, str(exc))
-                except Exception:
-                    log.exception("unhandled error in %s", behaviour.__name__)
-                    await context.abort(grpc.StatusCode.INTERNAL, "Internal server error")
-
             return grpc.unary_unary_rpc_method_handler(
-                unary, handler.request_deserializer, handler.response_serializer
+                _mapping_errors(handler.unary_unary), handler.request_deserializer, handler.response_serializer
             )
         if handler.stream_stream is not None:
-            stream_behaviour = handler.stream_stream
-
-            async def stream(request_iterator, context):
-                try:
-                    return await stream_behaviour(request_iterator, context)
-                except ShadowServeError as exc:
-                    await context.abort(exc.code, str(exc))
-                except Exception:
-                    log.exception("unhandled error in %s", stream_behaviour.__name__)
-                    await context.abort(grpc.StatusCode.INTERNAL, "Internal server error")
-
             return grpc.stream_stream_rpc_method_handler(
-                stream, handler.request_deserializer, handler.response_serializer
+                _mapping_errors(handler.stream_stream), handler.request_deserializer, handler.response_serializer
             )
         return handler
+
+
+def _mapping_errors(behaviour):
+    """`behaviour` (unary or bidi-stream) with its exceptions turned into statuses."""
+
+    async def answer(request_or_iterator, context):
+        try:
+            return await behaviour(request_or_iterator, context)
+        except ShadowServeError as exc:
+            await context.abort(exc.code, str(exc))
+        except Exception:
+            log.exception("unhandled error in %s", behaviour.__name__)
+            await context.abort(grpc.StatusCode.INTERNAL, "Internal server error")
+
+    return answer
 
 
 @dataclasses.dataclass

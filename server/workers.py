@@ -14,14 +14,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-from server.config import Config
+from server.config import Config, host_port
 
 log = logging.getLogger("shadowserve.workers")
 
-
-def _host_port(listen: str) -> tuple[str, int]:
-    host, _, port = listen.rpartition(":")
-    return host.strip("[]"), int(port)
 
 
 def _worker(index: int, config: Config, config_path: Path, routing) -> None:
@@ -65,7 +61,7 @@ def run_workers(config: Config, config_path: Path, count: int) -> int:
 
     registry = CollectorRegistry()
     multiprocess.MultiProcessCollector(registry)
-    host, port = _host_port(config.server.metrics_listen)
+    host, port = host_port(config.server.metrics_listen)
     start_http_server(port, host, registry=registry)
 
     def forward(signum, _frame) -> None:

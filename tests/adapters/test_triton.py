@@ -23,7 +23,8 @@ from server.config import TensorConfig, TritonConfig
 from server.demo.mxnet_models import synthetic_images
 from server.errors import BackendError, BackendTimeout, ConfigError
 from tests.conftest import running_gateway, sample
-from tests.support.triton import free_port, start_triton
+from tests.support.ports import free_port
+from tests.support.triton import start_triton
 
 MODEL = "classifier"
 FAITHFUL, BUGGY = "classifier_port", "classifier_port_bgr"

@@ -3,7 +3,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from server.compare import MATCH, MISMATCH, SHAPE_MISMATCH, compare, compare_many, divergence
+from server.compare import (
+    MATCH,
+    MISMATCH,
+    SHAPE_MISMATCH,
+    compare,
+    compare_many,
+    divergence,
+)
 
 
 def test_measures_on_known_values():

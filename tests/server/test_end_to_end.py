@@ -160,8 +160,8 @@ async def test_metadata_config_readiness_and_statistics(demo_models):
             stats = (await client.get_inference_statistics("classifier")).model_stats[0]
             assert stats.inference_stats.success.count == 1 and stats.inference_stats.fail.count == 0
 
-        from grpc_health.v1 import health_pb2, health_pb2_grpc
         import grpc
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
 
         async with grpc.aio.insecure_channel(f"127.0.0.1:{gateway.grpc_port}") as channel:
             health = health_pb2_grpc.HealthStub(channel)

@@ -18,7 +18,7 @@ from tritonclient.grpc import service_pb2_grpc
 
 from tests.server.test_end_to_end import wait_for
 from tests.support.kserve import Behaviour, scale_by
-from tests.support.prometheus import free_port
+from tests.support.ports import free_port
 
 
 def scrape(port: int) -> str:

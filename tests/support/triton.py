@@ -16,7 +16,6 @@ import dataclasses
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import sysconfig
@@ -25,17 +24,12 @@ import time
 from pathlib import Path
 from typing import Mapping, Sequence
 
+from tests.support.ports import free_port
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 STARTUP_TIMEOUT_S = 120.0
 STOP_TIMEOUT_S = 20.0
 _PORT_CLASH_MARKERS = ("already in use",)
-
-
-def free_port() -> int:
-    """A loopback TCP port nothing listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def triton_env() -> dict[str, str]:
