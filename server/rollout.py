@@ -12,12 +12,12 @@ from server.compare import Comparison
 from server.config import GuardConfig, ModelPairConfig
 from server.dispatch import Dispatcher, ModelPair
 from server.errors import FailedPrecondition, InvalidRequest
+from server.metrics import ROLLBACK_REASONS
 from server.window import WindowSummary
 
 log = logging.getLogger("shadowserve.rollout")
 
 HISTORY_SIZE = 500
-GUARD_REASONS = ("mismatch_rate", "top1_agreement", "error_rate", "latency")
 GUARD_JUDGE_FRACTION = 20  # judge after every window/20 new outcomes: prompt, yet cheap at high rates
 
 
@@ -91,7 +91,7 @@ class RolloutController:
         pair = self.pair(model)
         if pair.candidate is None:
             raise FailedPrecondition(f"model {model!r} has no candidate backend to roll back")
-        pair.metrics.rollback(reason if reason in GUARD_REASONS else "manual")
+        pair.metrics.rollback(reason if reason in ROLLBACK_REASONS else "manual")
         text = f"{reason}: {detail}" if detail else reason
         self.last_rollback_reason[pair.name] = text
         self._apply(pair, pair.shadow_percent, 0.0, source, text, rolled_back=True)
