@@ -19,6 +19,7 @@ from typing import Callable
 from bench import procs
 from bench.load import Client, Run, closed_loop, infer_request, open_loop
 from bench.models import INPUT_SHAPE, build_mxnet_classifier
+from server.metrics import SHADOWED_SKIP_REASONS
 
 OUTPUT_SHAPE = (1, 1000)
 MIB = 1 << 20
@@ -393,7 +394,7 @@ class Suite:
             shadowed = served - delta("shadowserve_shadow_skipped_total", model="m", reason="sampled_out")
             compared = compared_count(after) - compared_count(before)
             skipped = {reason: delta("shadowserve_shadow_skipped_total", model="m", reason=reason)
-                       for reason in ("saturated", "timeout", "error")}
+                       for reason in SHADOWED_SKIP_REASONS}
             accounted = compared + sum(skipped.values()) == shadowed
             if accounted or time.monotonic() > deadline:
                 break

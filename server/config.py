@@ -154,6 +154,20 @@ class GuardConfig(Strict):
     max_p99_latency_s: float | None = Field(None, gt=0)
 
 
+class CircuitBreakerConfig(Strict):
+    """When to stop calling a failing candidate, and how long to wait before probing it again."""
+
+    failures: int = Field(5, ge=1, description="candidate failures in a row that open the circuit")
+    open_s: float = Field(1.0, gt=0, description="pause before the first probe call")
+    max_open_s: float = Field(30.0, gt=0, description="longest pause; each failed probe doubles it up to this")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "CircuitBreakerConfig":
+        if self.max_open_s < self.open_s:
+            raise ValueError(f"max_open_s ({self.max_open_s:g}) must not be below open_s ({self.open_s:g})")
+        return self
+
+
 class ModelPairConfig(Strict):
     """One model clients call, served by `legacy` and compared against `candidate`."""
 
@@ -175,6 +189,9 @@ class ModelPairConfig(Strict):
     )
     window: int = Field(1000, ge=10, le=1_000_000, description="recent shadowed requests kept for status and the guard")
     guard: GuardConfig | None = None
+    circuit_breaker: CircuitBreakerConfig | None = Field(
+        default_factory=CircuitBreakerConfig, description="null calls the candidate even while it keeps failing"
+    )
 
     @field_validator("canary_steps")
     @classmethod

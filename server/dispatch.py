@@ -18,6 +18,7 @@ from typing import Callable, Iterable
 import numpy as np
 
 from adapters.base import Backend
+from server.breaker import CircuitBreaker
 from server.compare import MISMATCH, Comparison, compare_many
 from server.config import ModelPairConfig, ServerConfig, TensorConfig
 from server.errors import (
@@ -83,6 +84,15 @@ class ModelPair:
             routing = initial_routing([config])[0]
         self.routing = routing
         self.metrics.stage(self.stage, self.shadow_percent, self.serve_percent)
+        self.breaker = CircuitBreaker(config.circuit_breaker, self._circuit_changed)
+
+    def _circuit_changed(self, is_open: bool) -> None:
+        self.metrics.circuit_open.set(1 if is_open else 0)
+        if is_open:
+            log.warning("model %s: candidate failed %d times in a row; circuit open, candidate calls paused",
+                        self.name, self.breaker.failures)
+        else:
+            log.info("model %s: candidate answered a probe call; circuit closed", self.name)
 
     @property
     def shadow_percent(self) -> float:
@@ -221,11 +231,15 @@ class Dispatcher:
             candidate = pair.candidate
             bucket = routing_bucket(request.routing_key or request.id)
             if candidate is not None and bucket < pair.serve_percent * 100:
-                if candidate.ready:
-                    outputs, served_by = await self._canary(pair, candidate, request)
-                else:
+                if not candidate.ready:
                     pair.metrics.fallback("not_ready")
                     outputs = await self._shadowed(pair, None, request, shadow=False)
+                elif not pair.breaker.allow():
+                    pair.metrics.fallback("circuit_open")
+                    self._candidate_failed(pair)
+                    outputs = await self._shadowed(pair, None, request, shadow=False)
+                else:
+                    outputs, served_by = await self._canary(pair, candidate, request)
             else:
                 outputs = await self._shadowed(pair, candidate, request, shadow=bucket < pair.shadow_percent * 100)
         except ShadowServeError as exc:
@@ -252,10 +266,11 @@ class Dispatcher:
             if missing:
                 raise BackendError(f"candidate did not return output(s) {missing}")
         except ShadowServeError as exc:
-            pair.window.candidate_failed()
             pair.metrics.fallback("timeout" if isinstance(exc, BackendTimeout) else "error")
-            self._notify(pair, None)
+            pair.breaker.failed()
+            self._candidate_failed(pair)
             return await legacy_task, "legacy"
+        pair.breaker.succeeded()
         legacy_task.add_done_callback(lambda task: self._compare_after_canary(pair, task, outputs))
         return outputs, "candidate"
 
@@ -273,6 +288,10 @@ class Dispatcher:
         if self.shadow_in_flight >= self.max_shadow_in_flight:
             pair.metrics.skipped["saturated"].inc()
             return None
+        if not pair.breaker.allow():
+            pair.metrics.skipped["circuit_open"].inc()
+            self._candidate_failed(pair)
+            return None
         self.shadow_in_flight += 1
         pair.metrics.in_flight.inc()
         return self._spawn(self._shadow(pair, candidate, request))
@@ -281,15 +300,17 @@ class Dispatcher:
         """The candidate's outputs, or None when it failed (counted as a skip)."""
         try:
             await asyncio.sleep(0)  # let the legacy call, started right after this task, go out first
-            return await self._call(pair, candidate, "candidate", request.inputs, candidate.config.timeout_s)
+            outputs = await self._call(pair, candidate, "candidate", request.inputs, candidate.config.timeout_s)
         except ShadowServeError as exc:
             pair.metrics.skipped["timeout" if isinstance(exc, BackendTimeout) else "error"].inc()
-            pair.window.candidate_failed()
-            self._notify(pair, None)
+            pair.breaker.failed()
+            self._candidate_failed(pair)
             return None
         finally:
             self.shadow_in_flight -= 1
             pair.metrics.in_flight.dec()
+        pair.breaker.succeeded()
+        return outputs
 
     def _compare_after_shadow(self, pair: ModelPair, legacy_outputs: Outputs, shadow_call: asyncio.Task) -> None:
         if not shadow_call.cancelled() and (candidate_outputs := shadow_call.result()) is not None:
@@ -379,6 +400,10 @@ class Dispatcher:
         if comparison.detail:
             log.debug("model %s: %s", pair.name, comparison.detail)
         self._notify(pair, comparison)
+
+    def _candidate_failed(self, pair: ModelPair) -> None:
+        pair.window.candidate_failed()
+        self._notify(pair, None)
 
     def _notify(self, pair: ModelPair, comparison: Comparison | None) -> None:
         for listener in self.comparison_listeners:

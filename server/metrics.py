@@ -16,7 +16,8 @@ LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1
 DIVERGENCE_BUCKETS = (1e-7, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 0.1, 1.0, 10.0)
 ROLES = ("legacy", "candidate")
 VERDICTS = (MATCH, MISMATCH, SHAPE_MISMATCH)
-SKIP_REASONS = ("sampled_out", "saturated", "timeout", "error")
+SKIP_REASONS = ("sampled_out", "saturated", "timeout", "error", "circuit_open")
+SHADOWED_SKIP_REASONS = SKIP_REASONS[1:]  # a shadowed request not compared; sampled_out ones were never shadowed
 STAGES = ("off", "shadow", "canary", "cutover", "rolled_back")
 ROLLBACK_REASONS = ("manual", "mismatch_rate", "top1_agreement", "error_rate", "latency")
 
@@ -81,6 +82,9 @@ class Metrics:
         self.stage = gauge(
             "shadowserve_stage", "Rollout stage of a model pair (1 for the current stage).", ["model", "stage"],
             registry=registry, multiprocess_mode="mostrecent")
+        self.circuit_open = gauge(
+            "shadowserve_candidate_circuit_open", "1 while the candidate's circuit breaker is open (calls skipped).",
+            ["model"], registry=registry, multiprocess_mode="livemax")
         self.fallbacks = counter(
             "shadowserve_fallbacks_total", "Candidate-served requests answered by the legacy instead.",
             ["model", "reason"], registry=registry)
@@ -115,6 +119,8 @@ class ModelMetrics:
         self.in_flight = metrics.shadow_in_flight.labels(model)
         self.shadow_percent = metrics.shadow_percent.labels(model)
         self.serve_percent = metrics.serve_percent.labels(model)
+        self.circuit_open = metrics.circuit_open.labels(model)
+        self.circuit_open.set(0)
         self._requests: dict[tuple[str, str], Counter] = {}
         self._errors: dict[tuple[str, str], Counter] = {}
         for served_by in ROLES:

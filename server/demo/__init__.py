@@ -13,6 +13,7 @@ import numpy as np
 
 from server.config import Config, parse_config
 from server.dispatch import ModelPair
+from server.metrics import SHADOWED_SKIP_REASONS
 
 PAIRS = (("classifier", "faithful PyTorch port"), ("classifier_bgr", "PyTorch port with RGB/BGR swapped"))
 
@@ -100,9 +101,9 @@ def _rate(value: float | None) -> str:
 
 
 def _skipped(registry, model: str) -> float:
-    """Shadowed requests not compared: skipped when saturated, timed out or failed."""
+    """Shadowed requests not compared: skipped when saturated, timed out, failed or paused."""
     return sum(registry.get_sample_value("shadowserve_shadow_skipped_total", {"model": model, "reason": reason}) or 0
-               for reason in ("saturated", "timeout", "error"))
+               for reason in SHADOWED_SKIP_REASONS)
 
 
 def summary_table(pairs: list[ModelPair], registry) -> str:

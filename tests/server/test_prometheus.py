@@ -36,6 +36,7 @@ async def test_prometheus_scrapes_every_contract_metric(demo_models, tmp_path):
                 'shadowserve_shadow_percent{model="classifier"}': 100,
                 'shadowserve_shadow_skipped_total{model="classifier",reason="saturated"}': 0,
                 'shadowserve_stage{model="classifier",stage="shadow"}': 1,
+                'shadowserve_candidate_circuit_open{model="classifier"}': 0,
             }
             for promql, expected in checks.items():
                 result = await asyncio.to_thread(query, url, promql)

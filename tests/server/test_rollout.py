@@ -193,12 +193,16 @@ async def test_guard_rolls_back_a_failing_candidate_and_canary_falls_back(backen
     async with running_gateway({"models": [pair_config(legacy_url, candidate_url, serve_percent=100, guard=guard)]}) as gateway:
         async with triton_aio.InferenceServerClient(f"127.0.0.1:{gateway.grpc_port}") as client:
             assert await ask(client) == "candidate"
+            await wait_for(lambda: sample(gateway.registry, "shadowserve_comparisons_total", model="m", verdict="match") == 1)
             candidate.fail_with = grpc.StatusCode.INTERNAL
             answers = [await ask(client) for _ in range(15)]
         assert answers == ["legacy"] * 15  # every failure during canary answered by the legacy
-        # 1 success + 9 failures reach min_samples=10 at an error rate of 90%: rolled back there,
-        # so the last 6 requests went to the legacy directly, without a fallback.
-        assert sample(gateway.registry, "shadowserve_fallbacks_total", model="m", reason="error") == 9
+        # 5 failures open the candidate's circuit: the next 4 skip the candidate and count as its
+        # failures, so 1 success + 9 failures still reach min_samples=10 and roll back there; the last
+        # 6 requests went to the legacy directly, without a fallback.
+        assert sample(gateway.registry, "shadowserve_fallbacks_total", model="m", reason="error") == 5
+        assert sample(gateway.registry, "shadowserve_fallbacks_total", model="m", reason="circuit_open") == 4
+        assert sample(gateway.registry, "shadowserve_backend_errors_total", model="m", role="candidate", code="INTERNAL") == 5
         assert sample(gateway.registry, "shadowserve_rollbacks_total", model="m", reason="error_rate") == 1
         assert gateway.dispatcher.pairs["m"].stage == "rolled_back"
 

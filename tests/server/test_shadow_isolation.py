@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import grpc
@@ -60,6 +61,35 @@ async def test_failing_candidate_is_counted_and_invisible(backends):
         assert sample(registry, "shadowserve_backend_errors_total", model="m", role="candidate", code="RESOURCE_EXHAUSTED") == 5
         assert sample(registry, "shadowserve_requests_total", model="m", code="OK", served_by="legacy") == 5
         assert sample(registry, "shadowserve_comparisons_total", model="m", verdict="match") == 0
+
+
+async def test_a_candidate_that_keeps_failing_is_paused_then_probed_back(backends):
+    legacy_url, _, candidate_url, candidate = backends
+    candidate.fail_with = grpc.StatusCode.UNAVAILABLE
+    breaker = {"failures": 3, "open_s": 0.3}
+    async with running_gateway(config(legacy_url, candidate_url, circuit_breaker=breaker)) as gateway:
+        registry = gateway.registry
+        skipped = lambda reason: sample(registry, "shadowserve_shadow_skipped_total", model="m", reason=reason)  # noqa: E731
+        async with triton_aio.InferenceServerClient(f"127.0.0.1:{gateway.grpc_port}") as client:
+            for _ in range(3):
+                assert np.array_equal(await infer(client, X), X * 2)
+            await wait_for(lambda: skipped("error") == 3)
+            assert sample(registry, "shadowserve_candidate_circuit_open", model="m") == 1
+            for _ in range(10):  # within the pause: the candidate is not called at all
+                assert np.array_equal(await infer(client, X), X * 2)
+            assert candidate.calls == 3 and skipped("circuit_open") == 10
+            window = gateway.dispatcher.pairs["m"].window.summary()
+            assert window.samples == 13 and window.error_rate == 1.0  # verdicts as if every call had failed
+
+            candidate.fail_with = None
+            await asyncio.sleep(0.35)
+            assert np.array_equal(await infer(client, X), X * 2)  # the probe: it answers, the circuit closes
+            await wait_for(lambda: sample(registry, "shadowserve_candidate_circuit_open", model="m") == 0)
+            for _ in range(3):
+                assert np.array_equal(await infer(client, X), X * 2)
+            await wait_for(lambda: sample(registry, "shadowserve_comparisons_total", model="m", verdict="match") == 4)
+        assert candidate.calls == 7 and skipped("circuit_open") == 10
+        assert sample(registry, "shadowserve_requests_total", model="m", code="OK", served_by="legacy") == 17
 
 
 async def test_wrong_shape_candidate_is_a_shape_mismatch(backends):
