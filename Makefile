@@ -20,9 +20,11 @@ protos: $(INSTALLED) $(PROTOS)
 protos/%_pb2.py: protos/%.proto $(INSTALLED)
 	$(PY) -m grpc_tools.protoc -I. --python_out=. --pyi_out=. --grpc_python_out=. $<
 
-# Prometheus (a real server for the metrics tests) comes from Debian; installed once, as root.
+# From Debian, installed once, as root: Prometheus (a real server for the metrics tests) and h2load
+# (nghttp2-client: the C load generator of the scale-out benchmark, cheap enough to leave the cores to the gateway).
 system-deps:
-	@command -v prometheus >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null; }
+	@command -v prometheus >/dev/null && command -v h2load >/dev/null || { apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus nghttp2-client >/dev/null; }
 
 demo: install
 	$(VENV)/bin/shadowserve demo
@@ -30,5 +32,5 @@ demo: install
 test: install system-deps
 	$(PY) -m pytest -q
 
-bench: install
+bench: install system-deps
 	$(PY) -m bench --out BENCHMARKS.md

@@ -1,4 +1,5 @@
-"""The load generator: raw grpc.aio calls over several real connections, fixed concurrency and counts.
+"""The load generators: raw grpc.aio calls over several real connections, fixed concurrency and counts;
+and h2load, for the one figure where the load must cost the machine's cores little (scale-out).
 
 Requests are serialized once and sent as bytes (no protobuf work per call on the client side), and
 each channel uses its own subchannel pool, so N channels really are N TCP connections.
@@ -9,7 +10,10 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
+import re
+import struct
 import time
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -126,3 +130,33 @@ async def open_loop(client: Client, request: bytes, rate: float, duration_s: flo
         tasks.append(loop.create_task(one(index)))
     await asyncio.gather(*tasks)
     return Run(latencies, loop.time() - begin, dict(errors))
+
+
+@dataclasses.dataclass
+class H2loadRun:
+    """One block of h2load: throughput as h2load measured it, and its request counts."""
+
+    throughput: float
+    done: int
+    failed: int
+
+
+async def h2load(url: str, request: bytes, count: int, connections: int, streams: int, workdir: Path) -> H2loadRun:
+    """`count` ModelInfer calls by h2load, a C HTTP/2 load generator: `connections` × `streams` at a time.
+
+    h2load knows nothing of gRPC: the body is the request in gRPC's length-prefixed framing, and a
+    gRPC error still arrives as HTTP 200, so callers check the answers on the gateway's /metrics.
+    """
+    body = workdir / f"h2load-{len(request)}.body"
+    if not body.exists():
+        body.write_bytes(b"\0" + struct.pack(">I", len(request)) + request)
+    process = await asyncio.create_subprocess_exec(
+        "h2load", "-n", str(count), "-c", str(connections), "-m", str(streams), "-d", str(body),
+        "-H", "content-type: application/grpc", "-H", "te: trailers", f"http://{url}{MODEL_INFER}",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+    output = (await process.communicate())[0].decode(errors="replace")
+    rate = re.search(r"finished in [\d.]+m?s, ([\d.]+) req/s", output)
+    counts = re.search(r"requests: \d+ total, \d+ started, (\d+) done, (\d+) succeeded, (\d+) failed", output)
+    if process.returncode or rate is None or counts is None:
+        raise RuntimeError(f"h2load against {url} failed:\n{output[-2000:]}")
+    return H2loadRun(float(rate.group(1)), int(counts.group(1)), int(counts.group(3)))

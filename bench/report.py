@@ -68,10 +68,13 @@ def render(suite: Suite, command: str, started: datetime.datetime, load_before: 
         "  `/proc/<pid>/stat` (summed over worker children).",
         f"- Placement: the system under test (each gateway, the echo and bare-MXNet servers) is pinned to CPU "
         f"{sorted(suite.sut_cpus)}; the load generator and the legacy/candidate servers to CPU {sorted(suite.rest_cpus)}. "
-        "Figure 5 unpins everything so two workers can use every core.",
+        "Figure 5 pins one worker to one core and lets two workers use both.",
         "- The load generator (`bench/load.py`) sends pre-serialized requests as raw bytes over grpc.aio,",
         "  one TCP connection per channel (`grpc.use_local_subchannel_pool`). Requests carry one FP32 tensor",
         "  of 1000 values; answers are 1000 FP32 class scores (`class_scores: true`, so top-1/top-k are compared too).",
+        "  Figure 5 alone is driven by h2load (Debian's nghttp2-client), a C HTTP/2 load generator sending the same",
+        "  gRPC-framed requests, against gateways with the MXNet model in process on both sides: on two cores, a",
+        "  Python load generator and backend servers would take as much CPU per request as a worker.",
         f"- Each figure: {settings.repeats} repeats of interleaved blocks (baseline and gateway alternate, order",
         "  reversed every other repeat); the figure is the median of the per-repeat ratios.",
         f"- Gateway command: `{suite.notes.get('gateway command', '')}`",

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Callable
 
 from bench import procs
-from bench.load import Client, Run, closed_loop, infer_request, open_loop
+from bench.load import Client, Run, closed_loop, h2load, infer_request, open_loop
 from bench.models import INPUT_SHAPE, build_mxnet_classifier
 from server.metrics import SHADOWED_SKIP_REASONS
 
@@ -37,16 +37,18 @@ class Settings:
     rate_s: float  # seconds per fixed-rate block (CPU per request)
     completeness_s: float
     memory_s: float
+    scale_out: int  # requests per h2load block
 
 
 FULL = Settings(quick=False, repeats=5, serial=400, isolation=1200, saturation=2500, rate_s=5.0,
-                completeness_s=20.0, memory_s=300.0)
+                completeness_s=20.0, memory_s=300.0, scale_out=4000)
 QUICK = Settings(quick=True, repeats=2, serial=60, isolation=150, saturation=400, rate_s=1.5,
-                 completeness_s=2.0, memory_s=5.0)
+                 completeness_s=2.0, memory_s=5.0, scale_out=300)
 
 ISOLATION_CONCURRENCY = 4
 SATURATION_CONCURRENCY = 32
 SATURATION_CHANNELS = 16
+SCALE_OUT_STREAMS = 4  # concurrent streams per h2load connection
 STALL_MS = 200
 REMOTE_MS = 5
 
@@ -190,20 +192,25 @@ class Suite:
             return {"runtime": "remote", "url": urls[name], "model": "m", **extra}
 
         mxnet = {"runtime": "mxnet", "symbol": str(symbol), "params": str(params), "tensor_names": {"x": "data"}}
-        mxnet_pair = self._pair(mxnet)
-        mxnet_pair[0]["inputs"][0]["shape"] = [-1, *INPUT_SHAPE[1:]]
-        mxnet_pair[0]["outputs"][0]["shape"] = [-1, OUTPUT_SHAPE[1]]
+
+        def mxnet_pair(candidate: dict | None = None) -> list[dict]:
+            pair = self._pair(mxnet, candidate)
+            pair[0]["inputs"][0]["shape"] = [-1, *INPUT_SHAPE[1:]]
+            pair[0]["outputs"][0]["shape"] = [-1, OUTPUT_SHAPE[1]]
+            return pair
         gateways = {
             "gw-shadow-5ms": dict(models=self._pair(remote("legacy-5ms"), remote("candidate-5ms"))),
-            "gw-mxnet": dict(models=mxnet_pair),
+            "gw-mxnet": dict(models=mxnet_pair()),
             "gw-off-5ms": dict(models=self._pair(remote("legacy-5ms"), remote("candidate-stalled"), 0)),
             "gw-stalled-5ms": dict(models=self._pair(remote("legacy-5ms"), remote("candidate-stalled"))),
             "gw-unavailable-5ms": dict(models=self._pair(remote("legacy-5ms"), remote("candidate-unavailable"))),
+            "gw-unavailable-unbroken-5ms": dict(models=self._pair(remote("legacy-5ms"), remote("candidate-unavailable"),
+                                                                  circuit_breaker=None)),
             "gw-shadow": dict(models=self._pair(remote("legacy"), remote("candidate"))),
             "gw-no-shadow": dict(models=self._pair(remote("legacy"), remote("candidate"), 0)),
             "gw-no-compare": dict(models=self._pair(remote("legacy"), remote("candidate")), compare=False, metrics=False),
-            "gw-1-worker": dict(models=self._pair(remote("legacy"), remote("candidate"))),
-            "gw-2-workers": dict(models=self._pair(remote("legacy"), remote("candidate")), workers=2),
+            "gw-1-worker": dict(models=mxnet_pair(mxnet)),
+            "gw-2-workers": dict(models=mxnet_pair(mxnet), workers=2),
             "gw-hung": dict(models=self._pair(remote("legacy"), remote("candidate-hung"))),
         }
         for name, spec in gateways.items():
@@ -285,17 +292,29 @@ class Suite:
     async def isolation(self) -> None:
         s = self.settings
         load = lambda client: closed_loop(client, self.request, s.isolation, ISOLATION_CONCURRENCY)  # noqa: E731
-        names = ["gw-off-5ms", "gw-stalled-5ms", "gw-unavailable-5ms"]
+        names = ["gw-off-5ms", "gw-stalled-5ms", "gw-unavailable-5ms", "gw-unavailable-unbroken-5ms"]
+        before = {name: scrape(self.targets[name].process.metrics_port) for name in names}  # type: ignore[union-attr]
         blocks = await self.interleaved(names, load, ISOLATION_CONCURRENCY)
+        skipped = {name: {reason: sample(scrape(self.targets[name].process.metrics_port),  # type: ignore[union-attr]
+                                         "shadowserve_shadow_skipped_total", model="m", reason=reason)
+                          - sample(before[name], "shadowserve_shadow_skipped_total", model="m", reason=reason)
+                          for reason in SHADOWED_SKIP_REASONS} for name in names}
         for name, trouble in (("gw-stalled-5ms", f"stalled {STALL_MS} ms"), ("gw-unavailable-5ms", "UNAVAILABLE")):
             for q, target in ((99, 1.10), (50, 1.05)):
-                ratios = self._ratios(blocks, name, "gw-off-5ms", lambda b, q=q: b.run.percentile_ms(q))
+                percentile = lambda b, q=q: b.run.percentile_ms(q)  # noqa: E731
+                ratios = self._ratios(blocks, name, "gw-off-5ms", percentile)
+                detail = (f"off {_ms(_median([percentile(b) for b in blocks['gw-off-5ms']]))}, "
+                          f"on {_ms(_median([percentile(b) for b in blocks[name]]))}; shadow calls skipped: "
+                          + ", ".join(f"{reason} {count:.0f}" for reason, count in skipped[name].items() if count))
+                if name == "gw-unavailable-5ms":
+                    unbroken = "gw-unavailable-unbroken-5ms"
+                    detail += (f"; with no circuit breaker (every request calls the candidate): ratio "
+                               f"{_median(self._ratios(blocks, unbroken, 'gw-off-5ms', percentile)):.2f}, "
+                               f"on {_ms(_median([percentile(b) for b in blocks[unbroken]]))}")
                 self.add(Figure(
                     2, f"shadow isolation p{q}, candidate {trouble}",
                     f"primary p{q} shadowing 100% / shadowing off ({ISOLATION_CONCURRENCY} concurrent)",
-                    _median(ratios), target, True, per_repeat=ratios,
-                    detail=f"off {_ms(_median([b.run.percentile_ms(q) for b in blocks['gw-off-5ms']]))}, "
-                           f"on {_ms(_median([b.run.percentile_ms(q) for b in blocks[name]]))}"))
+                    _median(ratios), target, True, per_repeat=ratios, detail=detail))
 
     async def saturation(self) -> float:
         """Figure 3; returns the shadowing gateway's saturation throughput for the later figures."""
@@ -340,41 +359,53 @@ class Suite:
             detail=f"off {cpu['gw-no-compare']:.0f} µs/req, on {cpu['gw-shadow']:.0f} µs/req"))
 
     async def scale_out(self) -> None:
-        s = self.settings
-        everything = procs.all_cpus()
-        for name in ("legacy", "candidate", "gw-1-worker", "gw-2-workers"):
-            procs.pin(self.targets[name].process.pid, everything)  # type: ignore[union-attr]
-        procs.pin(os.getpid(), everything)
-        gateway = self.targets["gw-2-workers"]
-        counted_before = served_count(scrape(gateway.process.metrics_port))  # type: ignore[union-attr]
-        sent_before = gateway.sent
-        try:
-            load = lambda client: closed_loop(client, self.request, s.saturation, SATURATION_CONCURRENCY)  # noqa: E731
-            blocks = await self.interleaved(["gw-1-worker", "gw-2-workers"], load, SATURATION_CHANNELS)
-            split = await self._worker_split()
-        finally:
-            for name in ("legacy", "candidate"):
-                procs.pin(self.targets[name].process.pid, self.rest_cpus)  # type: ignore[union-attr]
-            procs.pin(os.getpid(), self.rest_cpus)
-        counted = served_count(scrape(gateway.process.metrics_port)) - counted_before  # type: ignore[union-attr]
-        sent = gateway.sent - sent_before
-        ratios = self._ratios(blocks, "gw-2-workers", "gw-1-worker", lambda b: b.run.throughput)
-        one, two = blocks["gw-1-worker"], blocks["gw-2-workers"]
-        self.add(Figure(
-            5, "scale-out", f"saturation throughput 2 workers / 1 worker ({SATURATION_CHANNELS} connections, all cores)",
-            _median(ratios), 1.7, False, per_repeat=ratios,
-            detail=f"1 worker {_median([b.run.throughput for b in one]):.0f} req/s "
-                   f"({_median([b.utilization for b in one]):.0%} of a core, {_median([b.cpu_us_per_request for b in one]):.0f} µs/req); "
-                   f"2 workers {_median([b.run.throughput for b in two]):.0f} req/s "
-                   f"({_median([b.utilization for b in two]):.0%} of a core, {_median([b.cpu_us_per_request for b in two]):.0f} µs/req, "
-                   f"CPU split between workers {split}); one /metrics counted {counted:.0f} of {sent} requests sent"))
+        """Figure 5: one worker on one core against two workers on both, driven by h2load.
 
-    async def _worker_split(self) -> str:
-        process = self.targets["gw-2-workers"].process
-        workers = process.workers()  # type: ignore[union-attr]
+        The legacy and the candidate run in the gateway (the MXNet model on both sides), so no backend
+        process competes for the two cores, and h2load, a C load generator, costs them little; the
+        Python load generator costs about as much per request as a worker and would measure the machine.
+        """
+        s = self.settings
+        one, two = self.targets["gw-1-worker"], self.targets["gw-2-workers"]
+        procs.pin(one.process.pid, self.sut_cpus)  # type: ignore[union-attr]
+        procs.pin(two.process.pid, procs.all_cpus())  # type: ignore[union-attr]
+        procs.pin(os.getpid(), procs.all_cpus())  # h2load, started from here, goes anywhere
+        count = s.scale_out
+
+        async def block(target: Target) -> tuple[float, float, int]:
+            process = target.process
+            served_before, cpu_before = served_count(scrape(process.metrics_port)), process.cpu_seconds()  # type: ignore[union-attr]
+            run = await h2load(target.url, self.image_request, count, SATURATION_CHANNELS, SCALE_OUT_STREAMS, self.workdir)
+            served = served_count(scrape(process.metrics_port)) - served_before  # type: ignore[union-attr]
+            if run.failed or run.done != count:
+                raise RuntimeError(f"{target.name}: h2load {run}")
+            return run.throughput, (process.cpu_seconds() - cpu_before) / count * 1e6, int(served)  # type: ignore[union-attr]
+
+        try:
+            for target in (one, two):
+                await block(target)  # warm-up
+            results: dict[str, list[tuple[float, float, int]]] = {"one": [], "two": []}
+            for repeat in range(s.repeats):
+                for name, target in (("one", one), ("two", two)) if repeat % 2 == 0 else (("two", two), ("one", one)):
+                    results[name].append(await block(target))
+            split = await self._worker_split(two, count)
+        finally:
+            procs.pin(os.getpid(), self.rest_cpus)
+        ratios = [b[0] / a[0] for a, b in zip(results["one"], results["two"])]
+        counted = sum(served for _, _, served in results["two"])
+        self.add(Figure(
+            5, "scale-out", f"saturation throughput 2 workers on 2 cores / 1 worker on 1 core ({SATURATION_CHANNELS} "
+            f"connections × {SCALE_OUT_STREAMS} streams, h2load)", _median(ratios), 1.7, False, per_repeat=ratios,
+            detail=f"in-process MXNet legacy and candidate, shadowing 100%; 1 worker "
+                   f"{_median([r[0] for r in results['one']]):.0f} req/s ({_median([r[1] for r in results['one']]):.0f} µs/req), "
+                   f"2 workers {_median([r[0] for r in results['two']]):.0f} req/s "
+                   f"({_median([r[1] for r in results['two']]):.0f} µs/req, CPU split between workers {split}); "
+                   f"one /metrics of 2 workers counted {counted} of {count * s.repeats} requests sent"))
+
+    async def _worker_split(self, target: Target, count: int) -> str:
+        workers = target.process.workers()  # type: ignore[union-attr]
         before = [procs.cpu_seconds(pid) for pid in workers]
-        await closed_loop(self.targets["gw-2-workers"].client(SATURATION_CHANNELS), self.request,
-                          self.settings.saturation, SATURATION_CONCURRENCY)
+        await h2load(target.url, self.image_request, count, SATURATION_CHANNELS, SCALE_OUT_STREAMS, self.workdir)
         spent = [procs.cpu_seconds(pid) - b for pid, b in zip(workers, before)]
         total = sum(spent) or 1.0
         return "/".join(f"{share / total:.0%}" for share in spent)
