@@ -22,6 +22,18 @@ def _load_average() -> str:
     return ", ".join(f"{value:.2f}" for value in os.getloadavg())
 
 
+def _cpu_ticks() -> list[int]:
+    """The machine's CPU time so far by kind (/proc/stat): user, nice, system, idle, iowait, irq, softirq, steal."""
+    with open("/proc/stat") as stat:
+        return [int(value) for value in stat.readline().split()[1:9]]
+
+
+def _steal_share(before: list[int], after: list[int]) -> str:
+    """Share of CPU time the hypervisor gave to other guests while we wanted it: a noise gauge of a virtual machine."""
+    spent = [b - a for a, b in zip(before, after)]
+    return f"{spent[7] / max(1, sum(spent)):.1%}"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="small counts, every figure (for the test)")
@@ -30,6 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     started, begin, load_before = datetime.datetime.now(datetime.timezone.utc), time.monotonic(), _load_average()
+    ticks_before = _cpu_ticks()
 
     def log(message: str) -> None:
         print(f"[{time.monotonic() - begin:6.1f}s] {message}", file=sys.stderr, flush=True)
@@ -38,7 +51,8 @@ def main(argv: list[str] | None = None) -> int:
         suite = Suite(QUICK if args.quick else FULL, Path(workdir), log)
         asyncio.run(suite.run())
     command = "python -m bench " + " ".join(shlex.quote(arg) for arg in (argv if argv is not None else sys.argv[1:]))
-    report = render(suite, command, started, load_before, _load_average(), time.monotonic() - begin)
+    load_after = f"{_load_average()}; CPU steal during the run: {_steal_share(ticks_before, _cpu_ticks())}"
+    report = render(suite, command, started, load_before, load_after, time.monotonic() - begin)
     Path(args.out).write_text(report)
     if args.json:
         Path(args.json).write_text(figures_json(suite))
