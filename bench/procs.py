@@ -65,10 +65,13 @@ def rss_bytes(pid: int) -> int:
         return 0
 
 
-def pin(pid: int, cpus: Iterable[int]) -> None:
-    """Place every thread of `pid` and of its descendants on `cpus` (new threads inherit it)."""
+def pin(pid: int, cpus: Iterable[int], with_descendants: bool = True) -> None:
+    """Place every thread of `pid`, and of its descendants unless told not to, on `cpus` (new threads inherit it).
+
+    The load generator pins itself with `with_descendants=False`: every server of the run is its child.
+    """
     cpus = set(cpus)
-    for process in descendants(pid):
+    for process in descendants(pid) if with_descendants else [pid]:
         try:
             threads = os.listdir(f"/proc/{process}/task")
         except OSError:

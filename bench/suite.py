@@ -222,7 +222,7 @@ class Suite:
         sut = ["echo", "mxnet-bare", *relays, *(name for name in gateways if name not in ("gw-1-worker", "gw-2-workers"))]
         for name, target in self.targets.items():
             procs.pin(target.process.pid, self.sut_cpus if name in sut else self.rest_cpus)  # type: ignore[union-attr]
-        procs.pin(os.getpid(), self.rest_cpus)
+        procs.pin(os.getpid(), self.rest_cpus, with_descendants=False)
 
     async def _ready(self, target: Target) -> None:
         process = target.process
@@ -369,7 +369,7 @@ class Suite:
         one, two = self.targets["gw-1-worker"], self.targets["gw-2-workers"]
         procs.pin(one.process.pid, self.sut_cpus)  # type: ignore[union-attr]
         procs.pin(two.process.pid, procs.all_cpus())  # type: ignore[union-attr]
-        procs.pin(os.getpid(), procs.all_cpus())  # h2load, started from here, goes anywhere
+        procs.pin(os.getpid(), procs.all_cpus(), with_descendants=False)  # h2load, started from here, goes anywhere
         count = s.scale_out
 
         async def block(target: Target) -> tuple[float, float, int]:
@@ -390,7 +390,7 @@ class Suite:
                     results[name].append(await block(target))
             split = await self._worker_split(two, count)
         finally:
-            procs.pin(os.getpid(), self.rest_cpus)
+            procs.pin(os.getpid(), self.rest_cpus, with_descendants=False)
         ratios = [b[0] / a[0] for a, b in zip(results["one"], results["two"])]
         counted = sum(served for _, _, served in results["two"])
         self.add(Figure(
