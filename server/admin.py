@@ -30,6 +30,7 @@ def pair_status(pair: ModelPair, last_rollback_reason: str = "") -> pb.PairStatu
     return pb.PairStatus(
         model=pair.name, stage=pair.stage, shadow_percent=pair.shadow_percent, serve_percent=pair.serve_percent,
         has_candidate=pair.candidate is not None, window=window, last_rollback_reason=last_rollback_reason,
+        candidate_circuit_open=pair.breaker.is_open,
     )
 
 

@@ -30,6 +30,8 @@ def format_status(pairs, history=()) -> str:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]
     lines += [f"{pair.model}: last rollback: {pair.last_rollback_reason}" for pair in pairs if pair.last_rollback_reason]
+    lines += [f"{pair.model}: candidate circuit open: calls paused after failures in a row, probed again later"
+              for pair in pairs if pair.candidate_circuit_open]
     if history:
         lines.append("")
         lines.append("history:")

@@ -11,6 +11,8 @@ import pytest
 import tritonclient.grpc.aio as triton_aio
 from tritonclient.utils import InferenceServerException
 
+from protos import admin_pb2, admin_pb2_grpc
+from server.ctl import format_status
 from tests.conftest import running_gateway, sample
 from tests.server.test_end_to_end import wait_for
 from tests.support.kserve import Behaviour, scale_by
@@ -63,6 +65,11 @@ async def test_failing_candidate_is_counted_and_invisible(backends):
         assert sample(registry, "shadowserve_comparisons_total", model="m", verdict="match") == 0
 
 
+async def admin_status(gateway) -> admin_pb2.StatusResponse:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{gateway.admin_port}") as channel:
+        return await admin_pb2_grpc.ShadowAdminStub(channel).Status(admin_pb2.StatusRequest())
+
+
 async def test_a_candidate_that_keeps_failing_is_paused_then_probed_back(backends):
     legacy_url, _, candidate_url, candidate = backends
     candidate.fail_with = grpc.StatusCode.UNAVAILABLE
@@ -80,6 +87,9 @@ async def test_a_candidate_that_keeps_failing_is_paused_then_probed_back(backend
             assert candidate.calls == 3 and skipped("circuit_open") == 10
             window = gateway.dispatcher.pairs["m"].window.summary()
             assert window.samples == 13 and window.error_rate == 1.0  # verdicts as if every call had failed
+            status = (await admin_status(gateway)).pairs[0]
+            assert status.candidate_circuit_open and status.window.error_rate == 1.0
+            assert "m: candidate circuit open" in format_status([status])
 
             candidate.fail_with = None
             await asyncio.sleep(0.35)
@@ -88,6 +98,7 @@ async def test_a_candidate_that_keeps_failing_is_paused_then_probed_back(backend
             for _ in range(3):
                 assert np.array_equal(await infer(client, X), X * 2)
             await wait_for(lambda: sample(registry, "shadowserve_comparisons_total", model="m", verdict="match") == 4)
+            assert not (await admin_status(gateway)).pairs[0].candidate_circuit_open
         assert candidate.calls == 7 and skipped("circuit_open") == 10
         assert sample(registry, "shadowserve_requests_total", model="m", code="OK", served_by="legacy") == 17
 
