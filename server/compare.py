@@ -10,7 +10,7 @@ import numpy as np
 MATCH, MISMATCH, SHAPE_MISMATCH = "match", "mismatch", "shape_mismatch"
 MEASURES = ("max_abs", "mean_abs", "rel_l2", "cosine")
 _EPS = 1e-12
-BATCH_ELEMENTS = 8192  # elements per output stacked into one array by `compare_many`
+BATCH_ELEMENTS = 65536  # elements per output stacked into one array by `compare_many`
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -40,7 +40,7 @@ ROUTING_BUCKETS = 10_000
 # COMPARE_BATCH_S and are compared together, since numpy's cost per call, not per element, dominates
 # small outputs. Larger ones go to the comparison thread so they never stall other requests.
 INLINE_COMPARE_MAX_ELEMENTS = 65_536
-COMPARE_BATCH_S = 0.02
+COMPARE_BATCH_S = 0.1
 COMPARE_BATCH_MAX = 256
 Outputs = dict[str, np.ndarray]
 
