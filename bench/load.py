@@ -61,7 +61,6 @@ class Client:
         self.url = url
         self.channels = [grpc.aio.insecure_channel(url, options=CHANNEL_OPTIONS) for _ in range(channels)]
         self.infer = [channel.unary_unary(MODEL_INFER) for channel in self.channels]
-        self.sent = 0
 
     async def wait_ready(self, timeout_s: float, alive=lambda: True) -> None:
         ready = self.channels[0].unary_unary(
@@ -86,7 +85,6 @@ async def closed_loop(client: Client, request: bytes, count: int, concurrency: i
     latencies = np.zeros(count, dtype=np.int64)
     errors: collections.Counter[str] = collections.Counter()
     issued = 0
-    client.sent += count
 
     async def worker(call) -> None:
         nonlocal issued
@@ -108,7 +106,6 @@ async def closed_loop(client: Client, request: bytes, count: int, concurrency: i
 async def open_loop(client: Client, request: bytes, rate: float, duration_s: float, timeout_s: float = 30.0) -> Run:
     """Requests sent at a fixed `rate` per second whatever the answers do, for `duration_s`."""
     count = max(1, int(rate * duration_s))
-    client.sent += count
     latencies = np.zeros(count, dtype=np.int64)
     errors: collections.Counter[str] = collections.Counter()
     loop = asyncio.get_running_loop()

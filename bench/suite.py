@@ -90,6 +90,16 @@ class Block:
         return (self.cpu_s or 0.0) / self.run.elapsed_s
 
 
+@dataclasses.dataclass
+class ScaleOutBlock:
+    """One h2load block of figure 5."""
+
+    throughput: float
+    cpu_us_per_request: float
+    served: int  # counted on the gateway's /metrics
+    worker_cpu_s: list[float]  # per worker process of `serve --workers`
+
+
 class Target:
     """An endpoint under load: a gateway, a baseline server or a backend called directly."""
 
@@ -108,10 +118,6 @@ class Target:
         run = await load(client)
         cpu = self.process.cpu_seconds() - before if self.process else None
         return Block(run, cpu)
-
-    @property
-    def sent(self) -> int:
-        return sum(client.sent for client in self._clients.values())
 
     async def close(self) -> None:
         await asyncio.gather(*(client.close() for client in self._clients.values()))
@@ -372,43 +378,40 @@ class Suite:
         procs.pin(os.getpid(), procs.all_cpus(), with_descendants=False)  # h2load, started from here, goes anywhere
         count = s.scale_out
 
-        async def block(target: Target) -> tuple[float, float, int]:
+        async def block(target: Target) -> ScaleOutBlock:
             process = target.process
+            workers = process.workers()  # type: ignore[union-attr]
             served_before, cpu_before = served_count(scrape(process.metrics_port)), process.cpu_seconds()  # type: ignore[union-attr]
+            worker_cpu_before = [procs.cpu_seconds(pid) for pid in workers]
             run = await h2load(target.url, self.image_request, count, SATURATION_CHANNELS, SCALE_OUT_STREAMS, self.workdir)
             served = served_count(scrape(process.metrics_port)) - served_before  # type: ignore[union-attr]
             if run.failed or run.done != count:
                 raise RuntimeError(f"{target.name}: h2load {run}")
-            return run.throughput, (process.cpu_seconds() - cpu_before) / count * 1e6, int(served)  # type: ignore[union-attr]
+            return ScaleOutBlock(run.throughput, (process.cpu_seconds() - cpu_before) / count * 1e6,  # type: ignore[union-attr]
+                                 int(served), [procs.cpu_seconds(pid) - b for pid, b in zip(workers, worker_cpu_before)])
 
         try:
             for target in (one, two):
                 await block(target)  # warm-up
-            results: dict[str, list[tuple[float, float, int]]] = {"one": [], "two": []}
+            results: dict[str, list[ScaleOutBlock]] = {"one": [], "two": []}
             for repeat in range(s.repeats):
                 for name, target in (("one", one), ("two", two)) if repeat % 2 == 0 else (("two", two), ("one", one)):
                     results[name].append(await block(target))
-            split = await self._worker_split(two, count)
         finally:
             procs.pin(os.getpid(), self.rest_cpus, with_descendants=False)
-        ratios = [b[0] / a[0] for a, b in zip(results["one"], results["two"])]
-        counted = sum(served for _, _, served in results["two"])
+        ratios = [b.throughput / a.throughput for a, b in zip(results["one"], results["two"])]
+        counted = sum(b.served for b in results["two"])
+        worker_cpu = [sum(spent) for spent in zip(*(b.worker_cpu_s for b in results["two"]))]
+        split = "/".join(f"{spent / (sum(worker_cpu) or 1.0):.0%}" for spent in worker_cpu)
         self.add(Figure(
             5, "scale-out", f"saturation throughput 2 workers on 2 cores / 1 worker on 1 core ({SATURATION_CHANNELS} "
             f"connections × {SCALE_OUT_STREAMS} streams, h2load)", _median(ratios), 1.7, False, per_repeat=ratios,
             detail=f"in-process MXNet legacy and candidate, shadowing 100%; 1 worker "
-                   f"{_median([r[0] for r in results['one']]):.0f} req/s ({_median([r[1] for r in results['one']]):.0f} µs/req), "
-                   f"2 workers {_median([r[0] for r in results['two']]):.0f} req/s "
-                   f"({_median([r[1] for r in results['two']]):.0f} µs/req, CPU split between workers {split}); "
-                   f"one /metrics of 2 workers counted {counted} of {count * s.repeats} requests sent"))
-
-    async def _worker_split(self, target: Target, count: int) -> str:
-        workers = target.process.workers()  # type: ignore[union-attr]
-        before = [procs.cpu_seconds(pid) for pid in workers]
-        await h2load(target.url, self.image_request, count, SATURATION_CHANNELS, SCALE_OUT_STREAMS, self.workdir)
-        spent = [procs.cpu_seconds(pid) - b for pid, b in zip(workers, before)]
-        total = sum(spent) or 1.0
-        return "/".join(f"{share / total:.0%}" for share in spent)
+                   f"{_median([b.throughput for b in results['one']]):.0f} req/s "
+                   f"({_median([b.cpu_us_per_request for b in results['one']]):.0f} µs/req), "
+                   f"2 workers {_median([b.throughput for b in results['two']]):.0f} req/s "
+                   f"({_median([b.cpu_us_per_request for b in results['two']]):.0f} µs/req, CPU split between workers "
+                   f"{split}); one /metrics of 2 workers counted {counted} of {count * s.repeats} requests sent"))
 
     async def completeness(self, saturation: float) -> None:
         s = self.settings
