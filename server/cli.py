@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import sys
 from pathlib import Path
@@ -20,16 +19,18 @@ def _serve(args: argparse.Namespace) -> int:
         from server.workers import run_workers
 
         return run_workers(config, Path(args.config), workers)
+    from server import loop_load
     from server.app import Gateway
 
-    asyncio.run(Gateway(config, config_path=Path(args.config)).serve_forever())
+    loop_load.run(Gateway(config, config_path=Path(args.config)).serve_forever())
     return 0
 
 
 def _demo(args: argparse.Namespace) -> int:
+    from server import loop_load
     from server.demo import run_demo
 
-    return asyncio.run(run_demo(requests=args.requests, legacy=args.legacy, serve=args.serve, workdir=args.workdir))
+    return loop_load.run(run_demo(requests=args.requests, legacy=args.legacy, serve=args.serve, workdir=args.workdir))
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -224,6 +224,11 @@ class ServerConfig(Strict):
     max_message_bytes: int = Field(256 * 1024 * 1024, ge=4 * 1024 * 1024)
     max_shadow_in_flight: int = Field(64, ge=1, description="shadow calls beyond this are skipped")
     max_comparisons_queued: int = Field(256, ge=1, description="comparisons beyond this are skipped")
+    shadow_max_loop_busy: float | None = Field(
+        0.85, gt=0, le=1,
+        description="skip new shadow calls while the event loop was busy more than this share of the last 100 ms; "
+        "null shadows even when that costs the primary throughput",
+    )
     workers: int = Field(1, ge=1, le=64)
     compare: bool = Field(
         True, description="compare legacy and candidate answers after the reply; false only shadows (no verdicts)"

@@ -29,6 +29,7 @@ from server.errors import (
     ModelNotReady,
     ShadowServeError,
 )
+from server.loop_load import LoopLoad
 from server.metrics import Metrics, ModelMetrics
 from server.tensors import InferRequest
 from server.window import RecentWindow
@@ -131,9 +132,11 @@ def initial_routing(models: Iterable[ModelPairConfig], shared: bool = False) -> 
 class Dispatcher:
     """Runs every request on the legacy side and, when routed, on the candidate side too."""
 
-    def __init__(self, pairs: Iterable[ModelPair], server: ServerConfig) -> None:
+    def __init__(self, pairs: Iterable[ModelPair], server: ServerConfig, loop_load: LoopLoad | None = None) -> None:
         self.pairs: dict[str, ModelPair] = {pair.name: pair for pair in pairs}
         self.max_shadow_in_flight = server.max_shadow_in_flight
+        self.shadow_max_loop_busy = server.shadow_max_loop_busy if server.shadow_max_loop_busy is not None else 1.0
+        self.loop_load = loop_load if loop_load is not None else LoopLoad()
         self.max_comparisons_queued = server.max_comparisons_queued
         self.compare_outputs = server.compare
         self.shadow_in_flight = 0
@@ -159,12 +162,13 @@ class Dispatcher:
             outputs = [tensor.name for tensor in config.outputs]
             scores = [tensor.name for tensor in config.outputs if tensor.class_scores]
             pairs.append(ModelPair(config, legacy, candidate, metrics.for_model(config.name, outputs, scores), row))
-        return cls(pairs, server)
+        return cls(pairs, server, LoopLoad(metrics.loop_busy.set))
 
     # -- lifecycle -------------------------------------------------------------------------
 
     async def start(self) -> None:
         """Load every backend. Broken model files stop start-up; unreachable remotes are retried."""
+        self.loop_load.start()
         loads = []
         for pair in self.pairs.values():
             loads.append(self._load(pair, "legacy", pair.legacy))
@@ -197,6 +201,7 @@ class Dispatcher:
                 delay = min(delay * 2, 30.0)
 
     async def close(self) -> None:
+        self.loop_load.stop()
         if self._pending_timer is not None:
             self._pending_timer.cancel()
         for task in list(self._tasks):
@@ -287,6 +292,9 @@ class Dispatcher:
             return None
         if self.shadow_in_flight >= self.max_shadow_in_flight:
             pair.metrics.skipped["saturated"].inc()
+            return None
+        if self.loop_load.busy > self.shadow_max_loop_busy:
+            pair.metrics.skipped["overloaded"].inc()
             return None
         if not pair.breaker.allow():
             pair.metrics.skipped["circuit_open"].inc()

@@ -16,7 +16,7 @@ LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1
 DIVERGENCE_BUCKETS = (1e-7, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 0.1, 1.0, 10.0)
 ROLES = ("legacy", "candidate")
 VERDICTS = (MATCH, MISMATCH, SHAPE_MISMATCH)
-SKIP_REASONS = ("sampled_out", "saturated", "timeout", "error", "circuit_open")
+SKIP_REASONS = ("sampled_out", "saturated", "overloaded", "timeout", "error", "circuit_open")
 SHADOWED_SKIP_REASONS = SKIP_REASONS[1:]  # a shadowed request not compared; sampled_out ones were never shadowed
 STAGES = ("off", "shadow", "canary", "cutover", "rolled_back")
 ROLLBACK_REASONS = ("manual", "mismatch_rate", "top1_agreement", "error_rate", "latency")
@@ -85,6 +85,10 @@ class Metrics:
         self.circuit_open = gauge(
             "shadowserve_candidate_circuit_open", "1 while the candidate's circuit breaker is open (calls skipped).",
             ["model"], registry=registry, multiprocess_mode="livemax")
+        self.loop_busy = gauge(
+            "shadowserve_event_loop_busy_ratio",
+            "Share of the last 100 ms the event loop spent running callbacks instead of waiting.",
+            registry=registry, multiprocess_mode="livemax")
         self.fallbacks = counter(
             "shadowserve_fallbacks_total", "Candidate-served requests answered by the legacy instead.",
             ["model", "reason"], registry=registry)

@@ -6,7 +6,6 @@ not fork-safe once started. Percentages live in shared memory so one change rout
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import signal
@@ -21,11 +20,12 @@ log = logging.getLogger("shadowserve.workers")
 
 
 def _worker(index: int, config: Config, config_path: Path, routing) -> None:
+    from server import loop_load
     from server.app import Gateway
 
     # Worker 0 alone watches the file; through the shared routing table its changes reach all.
     gateway = Gateway(config, config_path=config_path if index == 0 else None, routing=routing, serve_metrics=False)
-    asyncio.run(gateway.serve_forever())
+    loop_load.run(gateway.serve_forever())
 
 
 def run_workers(config: Config, config_path: Path, count: int) -> int:

@@ -54,6 +54,8 @@ def test_valid_config_resolves_model_files_relative_to_the_config(tmp_path):
          "max_open_s (1) must not be below open_s (5)"),
         ([pair(circuit_breaker={"failures": 0})], {}, "models[0].circuit_breaker.failures", "greater than or equal to 1"),
         ([pair()], {"grpc_listen": "8001"}, "server.grpc_listen", "expected HOST:PORT"),
+        ([pair()], {"shadow_max_loop_busy": 0}, "server.shadow_max_loop_busy", "greater than 0"),
+        ([pair()], {"shadow_max_loop_busy": 1.5}, "server.shadow_max_loop_busy", "less than or equal to 1"),
         ([pair()], {"admin_listen": "0.0.0.0:8003"}, "server", "admin_allow_remote"),
         ([pair(legacy={"runtime": "remote", "url": "h:1", "model": "m", "tensor_names": {"z": "INPUT__0"}})], {},
          "models[0]", "legacy.tensor_names maps undeclared tensors: ['z']"),

@@ -12,10 +12,11 @@ import tritonclient.grpc.aio as triton_aio
 from tritonclient.utils import InferenceServerException
 
 from protos import admin_pb2, admin_pb2_grpc
+from server import loop_load
 from server.ctl import format_status
 from tests.conftest import running_gateway, sample
 from tests.server.test_end_to_end import wait_for
-from tests.support.kserve import Behaviour, scale_by
+from tests.support.kserve import Behaviour, scale_by, start_model_server
 
 PAIR_TENSORS = {
     "inputs": [{"name": "x", "datatype": "FP32", "shape": [-1, 4]}],
@@ -171,3 +172,38 @@ async def test_sampling_follows_shadow_percent(backends):
                 await infer(client, X)
         assert candidate.calls == 0
         assert sample(gateway.registry, "shadowserve_shadow_skipped_total", model="m", reason="sampled_out") == 5
+
+
+def test_busy_gateway_skips_shadow_calls_until_the_loop_has_room():
+    """With the loop busier than server.shadow_max_loop_busy, the primary is answered and the shadow skipped."""
+
+    async def scenario() -> None:
+        servers = [await start_model_server("m", Behaviour(scale_by(2.0))) for _ in range(2)]
+        (_, legacy_url, legacy), (_, candidate_url, candidate) = servers
+        # The legacy runs on the gateway's own loop here, so burning CPU in it keeps that loop busy.
+        legacy.delay_s, legacy.busy = 0.02, True
+        try:
+            async with running_gateway(config(legacy_url, candidate_url, server={"shadow_max_loop_busy": 0.5})) as gateway:
+                registry = gateway.registry
+                skipped = lambda reason: sample(registry, "shadowserve_shadow_skipped_total", model="m", reason=reason)  # noqa: E731
+                compared = lambda: sample(registry, "shadowserve_comparisons_total", model="m", verdict="match")  # noqa: E731
+                async with triton_aio.InferenceServerClient(f"127.0.0.1:{gateway.grpc_port}") as client:
+                    for _ in range(40):
+                        assert np.array_equal(await infer(client, X), X * 2)
+                    assert sample(registry, "shadowserve_event_loop_busy_ratio") > 0.5
+                    assert skipped("overloaded") >= 20
+                    await wait_for(lambda: compared() + skipped("overloaded") == 40)
+                    assert candidate.calls == compared()
+
+                    legacy.delay_s = 0.0
+                    await wait_for(lambda: sample(registry, "shadowserve_event_loop_busy_ratio") < 0.5)
+                    compared_before = compared()
+                    for _ in range(3):
+                        assert np.array_equal(await infer(client, X), X * 2)
+                    await wait_for(lambda: compared() + skipped("overloaded") == 43)
+                    assert compared() > compared_before and candidate.calls == compared()
+        finally:
+            for server, _, _ in servers:
+                await server.stop(0)
+
+    loop_load.run(scenario())

@@ -1,0 +1,53 @@
+"""The loop's busy share: what shadow calls are shed on when the primary needs the gateway's CPU."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from server import loop_load
+from server.loop_load import LoopLoad
+
+
+def measure(work) -> list[float]:
+    """Busy shares reported while `work` runs on a loop started by `loop_load.run`."""
+    updates: list[float] = []
+
+    async def main() -> None:
+        load = LoopLoad(updates.append)
+        load.start()
+        assert load.measured
+        await work()
+        load.stop()
+
+    loop_load.run(main())
+    return updates
+
+
+def test_a_loop_blocked_three_quarters_of_the_time_reads_about_three_quarters_busy():
+    async def blocked() -> None:
+        end = time.perf_counter() + 0.8
+        while time.perf_counter() < end:
+            time.sleep(0.03)  # a callback that holds the loop
+            await asyncio.sleep(0.01)
+
+    updates = measure(blocked)
+    assert len(updates) >= 4, updates
+    settled = sorted(updates[1:])
+    assert 0.55 < settled[len(settled) // 2] < 0.92, updates
+
+
+def test_a_waiting_loop_reads_idle():
+    async def waiting() -> None:
+        await asyncio.sleep(0.5)
+
+    updates = measure(waiting)
+    assert len(updates) >= 3 and max(updates) < 0.2, updates
+
+
+async def test_a_loop_it_cannot_time_reads_zero():
+    load = LoopLoad()
+    load.start()  # pytest's own loop, not started by loop_load.run
+    await asyncio.sleep(0.25)
+    assert not load.measured and load.busy == 0.0
+    load.stop()
