@@ -213,6 +213,7 @@ class Suite:
             "gw-unavailable-unbroken-5ms": dict(models=self._pair(remote("legacy-5ms"), remote("candidate-unavailable"),
                                                                   circuit_breaker=None)),
             "gw-shadow": dict(models=self._pair(remote("legacy"), remote("candidate"))),
+            "gw-shadow-unshed": dict(models=self._pair(remote("legacy"), remote("candidate")), shadow_max_loop_busy=None),
             "gw-no-shadow": dict(models=self._pair(remote("legacy"), remote("candidate"), 0)),
             "gw-no-compare": dict(models=self._pair(remote("legacy"), remote("candidate")), compare=False, metrics=False),
             "gw-1-worker": dict(models=mxnet_pair(mxnet)),
@@ -323,29 +324,36 @@ class Suite:
                     _median(ratios), target, True, per_repeat=ratios, detail=detail))
 
     async def saturation(self) -> float:
-        """Figure 3; returns the shadowing gateway's saturation throughput for the later figures."""
+        """Figure 3; returns the saturation throughput with every request shadowed, for the later figures."""
         s = self.settings
         load = lambda client: closed_loop(client, self.request, s.saturation, SATURATION_CONCURRENCY)  # noqa: E731
-        blocks = await self.interleaved(["gw-no-shadow", "gw-shadow", "relay", "relay-shadow"], load, SATURATION_CHANNELS)
-        ratios = self._ratios(blocks, "gw-shadow", "gw-no-shadow", lambda b: b.run.throughput)
-        on, off = blocks["gw-shadow"], blocks["gw-no-shadow"]
-        throughput = _median([b.run.throughput for b in on])
-        cpu_ratio = _median(self._ratios(blocks, "gw-no-shadow", "gw-shadow", lambda b: b.cpu_us_per_request))
-        relay_ratio = _median(self._ratios(blocks, "relay-shadow", "relay", lambda b: b.run.throughput))
-        relay_cpu = {name: _median([b.cpu_us_per_request for b in blocks[name]]) for name in ("relay", "relay-shadow")}
+        names = ["gw-no-shadow", "gw-shadow", "gw-shadow-unshed", "relay", "relay-shadow"]
+        blocks = await self.interleaved(names, load, SATURATION_CHANNELS)
+        median = lambda name, value: _median([value(b) for b in blocks[name]])  # noqa: E731
+        throughput = lambda b: b.run.throughput  # noqa: E731
+        ratios = self._ratios(blocks, "gw-shadow", "gw-no-shadow", throughput)
+        unshed_ratio = _median(self._ratios(blocks, "gw-shadow-unshed", "gw-no-shadow", throughput))
+        relay_ratio = _median(self._ratios(blocks, "relay-shadow", "relay", throughput))
+        metrics = scrape(self.targets["gw-shadow"].process.metrics_port)  # type: ignore[union-attr]
+        served, compared = served_count(metrics), compared_count(metrics)
+        overloaded = sample(metrics, "shadowserve_shadow_skipped_total", model="m", reason="overloaded")
+
+        def row(name: str) -> str:
+            return (f"{median(name, throughput):.0f} req/s at {median(name, lambda b: b.utilization):.0%} CPU, "
+                    f"{median(name, lambda b: b.cpu_us_per_request):.0f} µs/req")
+
         self.add(Figure(
             3, "shadow cost at saturation", "throughput shadowing 100% / shadowing 0%", _median(ratios), 0.80, False,
             per_repeat=ratios,
-            detail=f"0%: {_median([b.run.throughput for b in off]):.0f} req/s at "
-                   f"{_median([b.utilization for b in off]):.0%} CPU, {_median([b.cpu_us_per_request for b in off]):.0f} µs/req; "
-                   f"100%: {throughput:.0f} req/s at {_median([b.utilization for b in on]):.0%} CPU, "
-                   f"{_median([b.cpu_us_per_request for b in on]):.0f} µs/req "
-                   f"(CPU-bound throughput ratio {cpu_ratio:.2f}); floor, bare relay: {relay_cpu['relay']:.0f} → "
-                   f"{relay_cpu['relay-shadow']:.0f} µs/req, throughput ratio {relay_ratio:.2f}"))
-        return throughput
+            detail=f"0%: {row('gw-no-shadow')}; 100%: {row('gw-shadow')}, {compared / served:.0%} of requests compared "
+                   f"and {overloaded / served:.0%} skipped as overloaded (loop busier than 0.85); with "
+                   f"`shadow_max_loop_busy: null` (every request shadowed): {row('gw-shadow-unshed')}, throughput "
+                   f"ratio {unshed_ratio:.2f}; floor of that, bare relay: {median('relay', lambda b: b.cpu_us_per_request):.0f}"
+                   f" → {median('relay-shadow', lambda b: b.cpu_us_per_request):.0f} µs/req, throughput ratio {relay_ratio:.2f}"))
+        return median("gw-shadow-unshed", throughput)
 
     async def cpu_per_request(self, saturation: float) -> None:
-        """Figures 4 and 6: CPU per request at one fixed offered rate, half the gateway's saturation."""
+        """Figures 4 and 6: CPU per request at one fixed offered rate, half the saturation with every request shadowed."""
         s = self.settings
         rate = max(50.0, 0.5 * saturation)
         load = lambda client: open_loop(client, self.request, rate, s.rate_s)  # noqa: E731
@@ -400,6 +408,11 @@ class Suite:
         finally:
             procs.pin(os.getpid(), self.rest_cpus, with_descendants=False)
         ratios = [b.throughput / a.throughput for a, b in zip(results["one"], results["two"])]
+
+        def compared_share(target: Target) -> str:
+            metrics = scrape(target.process.metrics_port)  # type: ignore[union-attr]
+            return f"{compared_count(metrics) / served_count(metrics):.0%}"
+
         counted = sum(b.served for b in results["two"])
         worker_cpu = [sum(spent) for spent in zip(*(b.worker_cpu_s for b in results["two"]))]
         split = "/".join(f"{spent / (sum(worker_cpu) or 1.0):.0%}" for spent in worker_cpu)
@@ -411,7 +424,8 @@ class Suite:
                    f"({_median([b.cpu_us_per_request for b in results['one']]):.0f} µs/req), "
                    f"2 workers {_median([b.throughput for b in results['two']]):.0f} req/s "
                    f"({_median([b.cpu_us_per_request for b in results['two']]):.0f} µs/req, CPU split between workers "
-                   f"{split}); one /metrics of 2 workers counted {counted} of {count * s.repeats} requests sent"))
+                   f"{split}); one /metrics of 2 workers counted {counted} of {count * s.repeats} requests sent; "
+                   f"compared: {compared_share(one)} (1 worker), {compared_share(two)} (2 workers)"))
 
     async def completeness(self, saturation: float) -> None:
         s = self.settings
@@ -434,7 +448,8 @@ class Suite:
                 break
             await asyncio.sleep(0.1)
         self.add(Figure(
-            7, "completeness at 70% of saturation", f"compared / shadowed-and-served at {rate:.0f} req/s",
+            7, "completeness at 70% of saturation",
+            f"compared / shadowed-and-served at {rate:.0f} req/s (70% of saturation with every request shadowed)",
             compared / shadowed if shadowed else 0.0, 0.99, False,
             detail=f"{len(run.latencies_ns)} sent, {run.errors or 'no'} errors, {served:.0f} served, "
                    f"{compared:.0f} compared, skipped {', '.join(f'{k} {v:.0f}' for k, v in skipped.items())}; "
@@ -480,7 +495,7 @@ class Suite:
         self.add(Figure(
             8, "memory with a hung candidate", f"RSS growth after {label} at saturation", growth, 50, True, unit=" MB",
             detail=f"{sent} requests; RSS {start_rss / 1e6:.0f} MB at start, {end_rss / 1e6:.0f} MB at end, "
-                   f"peak {max(samples) / 1e6:.0f} MB"))
+                   f"peak {max(samples) / 1e6:.0f} MB; shadow calls skipped: {skip_counts(scrape(process.metrics_port))}"))
 
     async def run(self) -> None:
         try:
@@ -518,6 +533,11 @@ def sample(text: str, name: str, **labels: str) -> float:
         if found == labels:
             return float(match.group(2))
     return 0.0
+
+
+def skip_counts(text: str) -> str:
+    return ", ".join(f"{reason} {sample(text, 'shadowserve_shadow_skipped_total', model='m', reason=reason):.0f}"
+                     for reason in SHADOWED_SKIP_REASONS)
 
 
 def compared_count(text: str) -> float:
