@@ -19,6 +19,7 @@ from typing import Callable
 from bench import procs
 from bench.load import Client, Run, closed_loop, h2load, infer_request, open_loop
 from bench.models import INPUT_SHAPE, build_mxnet_classifier
+from server.config import ServerConfig
 from server.metrics import SHADOWED_SKIP_REASONS
 
 OUTPUT_SHAPE = (1, 1000)
@@ -346,7 +347,8 @@ class Suite:
             3, "shadow cost at saturation", "throughput shadowing 100% / shadowing 0%", _median(ratios), 0.80, False,
             per_repeat=ratios,
             detail=f"0%: {row('gw-no-shadow')}; 100%: {row('gw-shadow')}, {compared / served:.0%} of requests compared "
-                   f"and {overloaded / served:.0%} skipped as overloaded (loop busier than 0.85); with "
+                   f"and {overloaded / served:.0%} skipped as overloaded (event loop busier than "
+                   f"{ServerConfig().shadow_max_loop_busy}); with "
                    f"`shadow_max_loop_busy: null` (every request shadowed): {row('gw-shadow-unshed')}, throughput "
                    f"ratio {unshed_ratio:.2f}; floor of that, bare relay: {median('relay', lambda b: b.cpu_us_per_request):.0f}"
                    f" → {median('relay-shadow', lambda b: b.cpu_us_per_request):.0f} µs/req, throughput ratio {relay_ratio:.2f}"))

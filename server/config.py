@@ -226,8 +226,8 @@ class ServerConfig(Strict):
     max_comparisons_queued: int = Field(256, ge=1, description="comparisons beyond this are skipped")
     shadow_max_loop_busy: float | None = Field(
         0.85, gt=0, le=1,
-        description="skip new shadow calls while the event loop was busy more than this share of the last 100 ms; "
-        "null shadows even when that costs the primary throughput",
+        description="skip new shadow calls while the event loop is busy more than this share of the time "
+        "(averaged over about half a second); null shadows even when that costs the primary throughput",
     )
     workers: int = Field(1, ge=1, le=64)
     compare: bool = Field(

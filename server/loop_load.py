@@ -13,6 +13,9 @@ import weakref
 from typing import Any, Callable, Coroutine
 
 PERIOD_S = 0.1
+# Each period's share moves the reported one by this much: an average over about half a second, so a
+# burst does not shed shadow calls that the next moment has room for, while sustained overload does.
+SMOOTHING = 0.2
 
 _selectors: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, IdleTimingSelector]" = weakref.WeakKeyDictionary()
 
@@ -46,7 +49,7 @@ def run(main: Coroutine[Any, Any, Any]) -> Any:
 
 
 class LoopLoad:
-    """Busy share of the running loop over the last period, refreshed every `PERIOD_S`.
+    """Busy share of the running loop, averaged over about half a second and refreshed every `PERIOD_S`.
 
     On a loop not started by `run` (an embedding application's, a test's) nothing can be measured
     and `busy` stays 0.
@@ -58,6 +61,7 @@ class LoopLoad:
         self._selector: IdleTimingSelector | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._last = (0.0, 0.0)
+        self._first = True
 
     @property
     def measured(self) -> bool:
@@ -75,7 +79,9 @@ class LoopLoad:
         now, idle = time.perf_counter(), self._selector.idle_s
         wall = now - self._last[0]
         if wall > 0:
-            self.busy = min(1.0, max(0.0, 1.0 - (idle - self._last[1]) / wall))
+            share = min(1.0, max(0.0, 1.0 - (idle - self._last[1]) / wall))
+            self.busy = share if self._first else self.busy + SMOOTHING * (share - self.busy)
+            self._first = False
             self._on_update(self.busy)
         self._last = (now, idle)
         self._timer = asyncio.get_running_loop().call_later(PERIOD_S, self._refresh)

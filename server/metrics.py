@@ -87,7 +87,7 @@ class Metrics:
             ["model"], registry=registry, multiprocess_mode="livemax")
         self.loop_busy = gauge(
             "shadowserve_event_loop_busy_ratio",
-            "Share of the last 100 ms the event loop spent running callbacks instead of waiting.",
+            "Share of time the event loop spends running callbacks instead of waiting, averaged over about 0.5 s.",
             registry=registry, multiprocess_mode="livemax")
         self.fallbacks = counter(
             "shadowserve_fallbacks_total", "Candidate-served requests answered by the legacy instead.",
