@@ -214,7 +214,7 @@ class Suite:
             "gw-unavailable-unbroken-5ms": dict(models=self._pair(remote("legacy-5ms"), remote("candidate-unavailable"),
                                                                   circuit_breaker=None)),
             "gw-shadow": dict(models=self._pair(remote("legacy"), remote("candidate"))),
-            "gw-shadow-unshed": dict(models=self._pair(remote("legacy"), remote("candidate")), shadow_max_loop_busy=None),
+            "gw-shadow-unshed": dict(models=self._pair(remote("legacy"), remote("candidate")), shed_shadow_from_loop_busy=None),
             "gw-no-shadow": dict(models=self._pair(remote("legacy"), remote("candidate"), 0)),
             "gw-no-compare": dict(models=self._pair(remote("legacy"), remote("candidate")), compare=False, metrics=False),
             "gw-1-worker": dict(models=mxnet_pair(mxnet)),
@@ -347,9 +347,9 @@ class Suite:
             3, "shadow cost at saturation", "throughput shadowing 100% / shadowing 0%", _median(ratios), 0.80, False,
             per_repeat=ratios,
             detail=f"0%: {row('gw-no-shadow')}; 100%: {row('gw-shadow')}, {compared / served:.0%} of requests compared "
-                   f"and {overloaded / served:.0%} skipped as overloaded (event loop busier than "
-                   f"{ServerConfig().shadow_max_loop_busy}); with "
-                   f"`shadow_max_loop_busy: null` (every request shadowed): {row('gw-shadow-unshed')}, throughput "
+                   f"and {overloaded / served:.0%} skipped as overloaded (shed from an event loop "
+                   f"busy share of {ServerConfig().shed_shadow_from_loop_busy}); with "
+                   f"`shed_shadow_from_loop_busy: null` (every request shadowed): {row('gw-shadow-unshed')}, throughput "
                    f"ratio {unshed_ratio:.2f}; floor of that, bare relay: {median('relay', lambda b: b.cpu_us_per_request):.0f}"
                    f" → {median('relay-shadow', lambda b: b.cpu_us_per_request):.0f} µs/req, throughput ratio {relay_ratio:.2f}"))
         return median("gw-shadow-unshed", throughput)

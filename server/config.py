@@ -224,10 +224,11 @@ class ServerConfig(Strict):
     max_message_bytes: int = Field(256 * 1024 * 1024, ge=4 * 1024 * 1024)
     max_shadow_in_flight: int = Field(64, ge=1, description="shadow calls beyond this are skipped")
     max_comparisons_queued: int = Field(256, ge=1, description="comparisons beyond this are skipped")
-    shadow_max_loop_busy: float | None = Field(
+    shed_shadow_from_loop_busy: float | None = Field(
         0.85, gt=0, le=1,
-        description="skip new shadow calls while the event loop is busy more than this share of the time "
-        "(averaged over about half a second); null shadows even when that costs the primary throughput",
+        description="while the event loop is busier than this share of the time (averaged over the last few tenths "
+        "of a second), skip a share of new shadow calls that grows to all of them 0.1 above it; null shadows even "
+        "when that costs the primary throughput",
     )
     workers: int = Field(1, ge=1, le=64)
     compare: bool = Field(

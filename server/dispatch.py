@@ -43,6 +43,9 @@ ROUTING_BUCKETS = 10_000
 INLINE_COMPARE_MAX_ELEMENTS = 65_536
 COMPARE_BATCH_S = 0.1
 COMPARE_BATCH_MAX = 256
+# Above `server.shed_shadow_from_loop_busy` the share of shadow calls skipped grows with the loop's busy
+# share, reaching all of them this far above it: a short excursion sheds a few, sustained saturation all.
+SHED_RAMP = 0.1
 Outputs = dict[str, np.ndarray]
 
 
@@ -135,7 +138,7 @@ class Dispatcher:
     def __init__(self, pairs: Iterable[ModelPair], server: ServerConfig, loop_load: LoopLoad | None = None) -> None:
         self.pairs: dict[str, ModelPair] = {pair.name: pair for pair in pairs}
         self.max_shadow_in_flight = server.max_shadow_in_flight
-        self.shadow_max_loop_busy = server.shadow_max_loop_busy if server.shadow_max_loop_busy is not None else 1.0
+        self.shed_from_busy = server.shed_shadow_from_loop_busy if server.shed_shadow_from_loop_busy is not None else 1.0
         self.loop_load = loop_load if loop_load is not None else LoopLoad()
         self.max_comparisons_queued = server.max_comparisons_queued
         self.compare_outputs = server.compare
@@ -293,7 +296,7 @@ class Dispatcher:
         if self.shadow_in_flight >= self.max_shadow_in_flight:
             pair.metrics.skipped["saturated"].inc()
             return None
-        if self.loop_load.busy > self.shadow_max_loop_busy:
+        if self._overloaded():
             pair.metrics.skipped["overloaded"].inc()
             return None
         if not pair.breaker.allow():
@@ -303,6 +306,11 @@ class Dispatcher:
         self.shadow_in_flight += 1
         pair.metrics.in_flight.inc()
         return self._spawn(self._shadow(pair, candidate, request))
+
+    def _overloaded(self) -> bool:
+        """Whether to skip a shadow call for the primary's sake: the busier the loop, the likelier."""
+        excess = self.loop_load.busy - self.shed_from_busy
+        return excess > 0 and random.random() * SHED_RAMP < excess
 
     async def _shadow(self, pair: ModelPair, candidate: Backend, request: InferRequest) -> Outputs | None:
         """The candidate's outputs, or None when it failed (counted as a skip)."""

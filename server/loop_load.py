@@ -13,9 +13,10 @@ import weakref
 from typing import Any, Callable, Coroutine
 
 PERIOD_S = 0.1
-# Each period's share moves the reported one by this much: an average over about half a second, so a
-# burst does not shed shadow calls that the next moment has room for, while sustained overload does.
-SMOOTHING = 0.2
+# Each period's share moves the reported one by this much: an average over the last few tenths of a second,
+# so that one busy period alone does not shed shadow calls (dispatch sheds more the further past its
+# threshold the loop is), while sustained overload does.
+SMOOTHING = 0.5
 
 _selectors: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, IdleTimingSelector]" = weakref.WeakKeyDictionary()
 
@@ -49,7 +50,7 @@ def run(main: Coroutine[Any, Any, Any]) -> Any:
 
 
 class LoopLoad:
-    """Busy share of the running loop, averaged over about half a second and refreshed every `PERIOD_S`.
+    """Busy share of the running loop, averaged over the last few tenths of a second and refreshed every `PERIOD_S`.
 
     On a loop not started by `run` (an embedding application's, a test's) nothing can be measured
     and `busy` stays 0.

@@ -6,6 +6,8 @@ import asyncio
 import time
 
 from server import loop_load
+from server.config import ServerConfig
+from server.dispatch import Dispatcher
 from server.loop_load import LoopLoad
 
 
@@ -51,3 +53,17 @@ async def test_a_loop_it_cannot_time_reads_zero():
     await asyncio.sleep(0.25)
     assert not load.measured and load.busy == 0.0
     load.stop()
+
+
+def test_the_share_of_shadow_calls_shed_grows_with_how_far_the_loop_is_past_the_threshold():
+    dispatcher = Dispatcher([], ServerConfig(shed_shadow_from_loop_busy=0.8))
+    shed_share = {}
+    for busy in (0.79, 0.85, 0.9, 0.97):
+        dispatcher.loop_load.busy = busy
+        shed_share[busy] = sum(dispatcher._overloaded() for _ in range(4000)) / 4000
+    assert shed_share[0.79] == 0.0 and shed_share[0.9] == shed_share[0.97] == 1.0, shed_share
+    assert 0.44 < shed_share[0.85] < 0.56, shed_share
+
+    unshed = Dispatcher([], ServerConfig(shed_shadow_from_loop_busy=None))
+    unshed.loop_load.busy = 1.0
+    assert not any(unshed._overloaded() for _ in range(100))

@@ -175,7 +175,7 @@ async def test_sampling_follows_shadow_percent(backends):
 
 
 def test_busy_gateway_skips_shadow_calls_until_the_loop_has_room():
-    """With the loop busier than server.shadow_max_loop_busy, the primary is answered and the shadow skipped."""
+    """With the loop busier than server.shed_shadow_from_loop_busy, the primary is answered and the shadow skipped."""
 
     async def scenario() -> None:
         servers = [await start_model_server("m", Behaviour(scale_by(2.0))) for _ in range(2)]
@@ -183,7 +183,7 @@ def test_busy_gateway_skips_shadow_calls_until_the_loop_has_room():
         # The legacy runs on the gateway's own loop here, so burning CPU in it keeps that loop busy.
         legacy.delay_s, legacy.busy = 0.02, True
         try:
-            async with running_gateway(config(legacy_url, candidate_url, server={"shadow_max_loop_busy": 0.5})) as gateway:
+            async with running_gateway(config(legacy_url, candidate_url, server={"shed_shadow_from_loop_busy": 0.5})) as gateway:
                 registry = gateway.registry
                 skipped = lambda reason: sample(registry, "shadowserve_shadow_skipped_total", model="m", reason=reason)  # noqa: E731
                 compared = lambda: sample(registry, "shadowserve_comparisons_total", model="m", verdict="match")  # noqa: E731
