@@ -1,7 +1,8 @@
 """How busy the event loop is: the share of wall time it spends running callbacks instead of waiting.
 
 Shadow calls only use capacity the primary leaves over: while the loop is busier than a configured
-share, new shadow calls are skipped (and counted) so that the legacy path keeps its throughput.
+share, dispatch skips (and counts) a growing share of new shadow calls, so the legacy path keeps its
+throughput.
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ def run(main: Coroutine[Any, Any, Any]) -> Any:
 
 
 class LoopLoad:
-    """Busy share of the running loop, averaged over the last few tenths of a second and refreshed every `PERIOD_S`.
+    """Busy share of the running loop, averaged over the last few tenths of a second, refreshed every `PERIOD_S`.
 
     On a loop not started by `run` (an embedding application's, a test's) nothing can be measured
     and `busy` stays 0.

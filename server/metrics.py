@@ -87,7 +87,8 @@ class Metrics:
             ["model"], registry=registry, multiprocess_mode="livemax")
         self.loop_busy = gauge(
             "shadowserve_event_loop_busy_ratio",
-            "Share of time the event loop spends running callbacks instead of waiting, averaged over the last few tenths of a second.",
+            "Share of time the event loop spends running callbacks instead of waiting, "
+            "averaged over the last few tenths of a second.",
             registry=registry, multiprocess_mode="livemax")
         self.fallbacks = counter(
             "shadowserve_fallbacks_total", "Candidate-served requests answered by the legacy instead.",
