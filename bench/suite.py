@@ -303,17 +303,15 @@ class Suite:
         names = ["gw-off-5ms", "gw-stalled-5ms", "gw-unavailable-5ms", "gw-unavailable-unbroken-5ms"]
         before = {name: scrape(self.targets[name].process.metrics_port) for name in names}  # type: ignore[union-attr]
         blocks = await self.interleaved(names, load, ISOLATION_CONCURRENCY)
-        skipped = {name: {reason: sample(scrape(self.targets[name].process.metrics_port),  # type: ignore[union-attr]
-                                         "shadowserve_shadow_skipped_total", model="m", reason=reason)
-                          - sample(before[name], "shadowserve_shadow_skipped_total", model="m", reason=reason)
-                          for reason in SHADOWED_SKIP_REASONS} for name in names}
+        skipped = {name: skipped_counts(scrape(self.targets[name].process.metrics_port), before[name])  # type: ignore[union-attr]
+                   for name in names}
         for name, trouble in (("gw-stalled-5ms", f"stalled {STALL_MS} ms"), ("gw-unavailable-5ms", "UNAVAILABLE")):
             for q, target in ((99, 1.10), (50, 1.05)):
                 percentile = lambda b, q=q: b.run.percentile_ms(q)  # noqa: E731
                 ratios = self._ratios(blocks, name, "gw-off-5ms", percentile)
                 detail = (f"off {_ms(_median([percentile(b) for b in blocks['gw-off-5ms']]))}, "
                           f"on {_ms(_median([percentile(b) for b in blocks[name]]))}; shadow calls skipped: "
-                          + ", ".join(f"{reason} {count:.0f}" for reason, count in skipped[name].items() if count))
+                          + counts_text({reason: count for reason, count in skipped[name].items() if count}))
                 if name == "gw-unavailable-5ms":
                     unbroken = "gw-unavailable-unbroken-5ms"
                     detail += (f"; with no circuit breaker (every request calls the candidate): ratio "
@@ -443,8 +441,7 @@ class Suite:
             served = delta("shadowserve_requests_total", code="OK", model="m", served_by="legacy")
             shadowed = served - delta("shadowserve_shadow_skipped_total", model="m", reason="sampled_out")
             compared = compared_count(after) - compared_count(before)
-            skipped = {reason: delta("shadowserve_shadow_skipped_total", model="m", reason=reason)
-                       for reason in SHADOWED_SKIP_REASONS}
+            skipped = skipped_counts(after, before)
             accounted = compared + sum(skipped.values()) == shadowed
             if accounted or time.monotonic() > deadline:
                 break
@@ -454,7 +451,7 @@ class Suite:
             f"compared / shadowed-and-served at {rate:.0f} req/s (70% of saturation with every request shadowed)",
             compared / shadowed if shadowed else 0.0, 0.99, False,
             detail=f"{len(run.latencies_ns)} sent, {run.errors or 'no'} errors, {served:.0f} served, "
-                   f"{compared:.0f} compared, skipped {', '.join(f'{k} {v:.0f}' for k, v in skipped.items())}; "
+                   f"{compared:.0f} compared, skipped {counts_text(skipped)}; "
                    f"every shadowed request compared or counted as skipped: {'yes' if accounted else 'NO'}"))
         await self.large_message(target, port)
 
@@ -497,7 +494,8 @@ class Suite:
         self.add(Figure(
             8, "memory with a hung candidate", f"RSS growth after {label} at saturation", growth, 50, True, unit=" MB",
             detail=f"{sent} requests; RSS {start_rss / 1e6:.0f} MB at start, {end_rss / 1e6:.0f} MB at end, "
-                   f"peak {max(samples) / 1e6:.0f} MB; shadow calls skipped: {skip_counts(scrape(process.metrics_port))}"))
+                   f"peak {max(samples) / 1e6:.0f} MB; shadow calls skipped: "
+                   f"{counts_text(skipped_counts(scrape(process.metrics_port)))}"))  # type: ignore[union-attr]
 
     async def run(self) -> None:
         try:
@@ -537,9 +535,15 @@ def sample(text: str, name: str, **labels: str) -> float:
     return 0.0
 
 
-def skip_counts(text: str) -> str:
-    return ", ".join(f"{reason} {sample(text, 'shadowserve_shadow_skipped_total', model='m', reason=reason):.0f}"
-                     for reason in SHADOWED_SKIP_REASONS)
+def skipped_counts(after: str, before: str = "") -> dict[str, float]:
+    """Shadowed requests not compared, by reason, between two scrapes of a gateway's /metrics."""
+    return {reason: sample(after, "shadowserve_shadow_skipped_total", model="m", reason=reason)
+            - sample(before, "shadowserve_shadow_skipped_total", model="m", reason=reason)
+            for reason in SHADOWED_SKIP_REASONS}
+
+
+def counts_text(counts: dict[str, float]) -> str:
+    return ", ".join(f"{name} {count:.0f}" for name, count in counts.items())
 
 
 def compared_count(text: str) -> float:

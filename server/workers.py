@@ -18,7 +18,6 @@ from server.config import Config, host_port
 log = logging.getLogger("shadowserve.workers")
 
 
-
 def _worker(index: int, config: Config, config_path: Path, routing) -> None:
     from server import loop_load
     from server.app import Gateway
