@@ -28,7 +28,7 @@ def _existing_file(path: Path, info: ValidationInfo) -> Path:
     base_dir = (info.context or {}).get("base_dir")
     if base_dir is not None and not path.is_absolute():
         path = Path(base_dir) / path
-    if not path.is_file():
+    if (info.context or {}).get("check_files", True) and not path.is_file():
         raise ValueError(f"file not found: {path}")
     return path
 
@@ -168,6 +168,25 @@ class CircuitBreakerConfig(Strict):
         return self
 
 
+def _config_relative(path: Path, info: ValidationInfo) -> Path:
+    base_dir = (info.context or {}).get("base_dir")
+    return Path(base_dir) / path if base_dir is not None and not path.is_absolute() else path
+
+
+class CaptureConfig(Strict):
+    """Opt-in capture of compared requests (inputs and both answers) for `shadowserve replay` and `diagnose`.
+
+    Mismatches are captured, matches only as a small control sample. Files are readable by the
+    owner only: inputs may hold user data.
+    """
+
+    dir: Annotated[Path, AfterValidator(_config_relative)] = Field(
+        description="folder of the records, created mode 0700; one model per folder; relative to the config file")
+    max_bytes: int = Field(1_000_000_000, ge=1, description="records beyond this size delete the oldest ones")
+    max_per_second: float = Field(10, gt=0, description="records written per second at most (bursts up to this many)")
+    matches_percent: float = Field(1, ge=0, le=100, description="share of matching requests captured as controls")
+
+
 class ModelPairConfig(Strict):
     """One model clients call, served by `legacy` and compared against `candidate`."""
 
@@ -192,6 +211,7 @@ class ModelPairConfig(Strict):
     circuit_breaker: CircuitBreakerConfig | None = Field(
         default_factory=CircuitBreakerConfig, description="null calls the candidate even while it keeps failing"
     )
+    capture: CaptureConfig | None = Field(None, description="capture requests for replay and diagnosis")
 
     @field_validator("canary_steps")
     @classmethod
@@ -216,6 +236,18 @@ class ModelPairConfig(Strict):
         return self
 
 
+class ComparisonConfig(Strict):
+    """When answers are compared. Every timing of the comparison path lives here, so tests can set it."""
+
+    batch_s: float = Field(
+        0.1, ge=0, description="shadow-only comparisons of small outputs wait up to this long to be compared together; "
+        "answers a client got from the candidate are compared at once, whatever this says")
+    batch_max: int = Field(256, ge=1, description="a batch is compared as soon as it holds this many answer pairs")
+    inline_max_elements: int = Field(
+        65_536, ge=1, description="outputs up to this many elements are batched; larger ones are compared one by one "
+        "on the comparison thread")
+
+
 class ServerConfig(Strict):
     grpc_listen: ListenAddress = "0.0.0.0:8001"
     metrics_listen: ListenAddress = "0.0.0.0:8002"
@@ -236,6 +268,9 @@ class ServerConfig(Strict):
     )
     metrics: bool = Field(True, description="record Prometheus metrics; false records none (to measure their cost)")
     config_poll_s: float = Field(1.0, gt=0, description="how often the config file is checked for edits")
+    comparison: ComparisonConfig = ComparisonConfig()
+    backend_retry_s: float = Field(
+        1.0, gt=0, description="first pause before a backend that failed to load is tried again; doubles up to 30 s")
 
     @model_validator(mode="after")
     def _admin_loopback(self) -> "ServerConfig":
@@ -260,6 +295,15 @@ class Config(Strict):
             raise ValueError(f"duplicate model names: {duplicates}")
         return models
 
+    @field_validator("models")
+    @classmethod
+    def _own_capture_dirs(cls, models: list[ModelPairConfig]) -> list[ModelPairConfig]:
+        dirs = [model.capture.dir.resolve() for model in models if model.capture is not None]
+        shared = sorted({str(path) for path in dirs if dirs.count(path) > 1})
+        if shared:
+            raise ValueError(f"models share capture dirs {shared}; give each model its own")
+        return models
+
 
 def _key(loc: tuple[Any, ...]) -> str:
     parts: list[str] = []
@@ -273,16 +317,19 @@ def _key(loc: tuple[Any, ...]) -> str:
     return "".join(parts) or "(top level)"
 
 
-def parse_config(data: Any, source: str, base_dir: Path | None = None) -> Config:
-    """Validate raw config data; errors name `source` and every offending key."""
+def parse_config(data: Any, source: str, base_dir: Path | None = None, check_files: bool = True) -> Config:
+    """Validate raw config data; errors name `source` and every offending key.
+
+    `check_files=False` skips the existence of model files, for a config meant for another machine.
+    """
     try:
-        return Config.model_validate(data, context={"base_dir": base_dir})
+        return Config.model_validate(data, context={"base_dir": base_dir, "check_files": check_files})
     except ValidationError as exc:
         problems = [f"  {_key(err['loc'])}: {err['msg']}" for err in exc.errors()]
         raise ConfigError(f"{source}: invalid configuration\n" + "\n".join(problems)) from None
 
 
-def load_config(path: str | Path) -> Config:
+def load_config(path: str | Path, check_files: bool = True) -> Config:
     path = Path(path)
     try:
         text = path.read_text()
@@ -294,4 +341,4 @@ def load_config(path: str | Path) -> Config:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping with 'server' and 'models' keys")
-    return parse_config(data, str(path), base_dir=path.parent)
+    return parse_config(data, str(path), base_dir=path.parent, check_files=check_files)

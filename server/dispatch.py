@@ -6,7 +6,6 @@ Knows no framework: it sees backends only through `adapters.base.Backend`.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import functools
 import hashlib
 import logging
@@ -19,7 +18,7 @@ import numpy as np
 
 from adapters.base import Backend
 from server.breaker import CircuitBreaker
-from server.compare import MISMATCH, Comparison, compare_many
+from server.compare import Comparison
 from server.config import ModelPairConfig, ServerConfig, TensorConfig
 from server.errors import (
     BackendError,
@@ -31,18 +30,13 @@ from server.errors import (
 )
 from server.loop_load import LoopLoad
 from server.metrics import Metrics, ModelMetrics
+from server.outcomes import ComparisonQueue
 from server.tensors import InferRequest
 from server.window import RecentWindow
 
 log = logging.getLogger("shadowserve.dispatch")
 
 ROUTING_BUCKETS = 10_000
-# Comparisons of outputs up to this many elements run on the event loop, batched: answers wait up to
-# COMPARE_BATCH_S and are compared together, since numpy's cost per call, not per element, dominates
-# small outputs. Larger ones go to the comparison thread so they never stall other requests.
-INLINE_COMPARE_MAX_ELEMENTS = 65_536
-COMPARE_BATCH_S = 0.1
-COMPARE_BATCH_MAX = 256
 # Above `server.shed_shadow_from_loop_busy` the share of shadow calls skipped grows with the loop's busy
 # share, reaching all of them this far above it: a short excursion sheds a few, sustained saturation all.
 SHED_RAMP = 0.1
@@ -140,15 +134,11 @@ class Dispatcher:
         self.max_shadow_in_flight = server.max_shadow_in_flight
         self.shed_from_busy = server.shed_shadow_from_loop_busy if server.shed_shadow_from_loop_busy is not None else 1.0
         self.loop_load = loop_load if loop_load is not None else LoopLoad()
-        self.max_comparisons_queued = server.max_comparisons_queued
         self.compare_outputs = server.compare
+        self.backend_retry_s = server.backend_retry_s
         self.shadow_in_flight = 0
-        self.comparisons_queued = 0
-        self._compare_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="compare")
+        self.comparisons = ComparisonQueue(server.comparison, server.max_comparisons_queued, self._record)
         self._tasks: set[asyncio.Task] = set()
-        self._pending: list[tuple[ModelPair, Outputs, Outputs]] = []  # answers waiting to be compared together
-        self._pending_elements = 0
-        self._pending_timer: asyncio.TimerHandle | None = None
         self.comparison_listeners: list[Callable[[ModelPair, Comparison | None], None]] = []
 
     @classmethod
@@ -190,7 +180,7 @@ class Dispatcher:
             self._spawn(self._retry_load(pair, role, backend))
 
     async def _retry_load(self, pair: ModelPair, role: str, backend: Backend) -> None:
-        delay = 1.0
+        delay = self.backend_retry_s
         while not backend.ready:
             await asyncio.sleep(delay)
             try:
@@ -205,8 +195,7 @@ class Dispatcher:
 
     async def close(self) -> None:
         self.loop_load.stop()
-        if self._pending_timer is not None:
-            self._pending_timer.cancel()
+        self.comparisons.close()
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -214,7 +203,6 @@ class Dispatcher:
             await pair.legacy.close()
             if pair.candidate is not None:
                 await pair.candidate.close()
-        self._compare_pool.shutdown(wait=False, cancel_futures=True)
 
     def _spawn(self, coroutine) -> asyncio.Task:
         task = asyncio.get_running_loop().create_task(coroutine)
@@ -284,7 +272,7 @@ class Dispatcher:
 
     def _compare_after_canary(self, pair: ModelPair, legacy_task: asyncio.Task, candidate_outputs: Outputs) -> None:
         if not legacy_task.cancelled() and legacy_task.exception() is None:
-            self._schedule_comparison(pair, legacy_task.result(), candidate_outputs)
+            self._schedule_comparison(pair, legacy_task.result(), candidate_outputs, served=True)
 
     def _start_shadow(self, pair: ModelPair, candidate: Backend | None, request: InferRequest) -> asyncio.Task | None:
         """Start the candidate call now, as a task of its own; None when it is skipped (and counted)."""
@@ -330,7 +318,7 @@ class Dispatcher:
 
     def _compare_after_shadow(self, pair: ModelPair, legacy_outputs: Outputs, shadow_call: asyncio.Task) -> None:
         if not shadow_call.cancelled() and (candidate_outputs := shadow_call.result()) is not None:
-            self._schedule_comparison(pair, legacy_outputs, candidate_outputs)
+            self._schedule_comparison(pair, legacy_outputs, candidate_outputs, served=False)
 
     async def _call_legacy(self, pair: ModelPair, request: InferRequest) -> Outputs:
         timeout = pair.legacy.config.timeout_s
@@ -361,56 +349,12 @@ class Dispatcher:
 
     # -- comparison, after the reply -------------------------------------------------------
 
-    def _schedule_comparison(self, pair: ModelPair, legacy: Outputs, candidate: Outputs) -> None:
-        if not self.compare_outputs:
-            return
-        size = sum(array.size for array in legacy.values())
-        if size > INLINE_COMPARE_MAX_ELEMENTS:
-            if self.comparisons_queued >= self.max_comparisons_queued:
-                pair.metrics.skipped["saturated"].inc()
-                return
-            self.comparisons_queued += 1
-            future = asyncio.get_running_loop().run_in_executor(self._compare_pool, self._compare, pair, [(legacy, candidate)])
-            future.add_done_callback(lambda done: self._compared_in_thread(pair, done))
-            return
-        if self._pending_elements + size > INLINE_COMPARE_MAX_ELEMENTS or len(self._pending) >= COMPARE_BATCH_MAX:
-            self._compare_pending()
-        self.comparisons_queued += 1
-        self._pending.append((pair, legacy, candidate))
-        self._pending_elements += size
-        if self._pending_timer is None:
-            self._pending_timer = asyncio.get_running_loop().call_later(COMPARE_BATCH_S, self._compare_pending)
+    def _schedule_comparison(self, pair: ModelPair, legacy: Outputs, candidate: Outputs, served: bool) -> None:
+        """`served`: the client got the candidate's answer, so the guard must judge it without delay."""
+        if self.compare_outputs and not self.comparisons.submit(pair, legacy, candidate, urgent=served or pair.serve_percent > 0):
+            pair.metrics.skipped["saturated"].inc()
 
-    def _compare_pending(self) -> None:
-        """Compare every waiting pair of small answers together: one set of numpy calls per model and shape."""
-        if self._pending_timer is not None:
-            self._pending_timer.cancel()
-            self._pending_timer = None
-        pending, self._pending, self._pending_elements = self._pending, [], 0
-        by_model: dict[str, tuple[ModelPair, list[tuple[Outputs, Outputs]]]] = {}
-        for pair, legacy, candidate in pending:
-            by_model.setdefault(pair.name, (pair, []))[1].append((legacy, candidate))
-        for pair, items in by_model.values():
-            for comparison in self._compare(pair, items):
-                self._record(pair, comparison)
-        self.comparisons_queued -= len(pending)
-
-    def _compared_in_thread(self, pair: ModelPair, done: asyncio.Future) -> None:
-        self.comparisons_queued -= 1
-        if not done.cancelled():
-            self._record(pair, done.result()[0])
-
-    @classmethod
-    def _compare(cls, pair: ModelPair, items: list[tuple[Outputs, Outputs]]) -> list[Comparison]:
-        config = pair.config
-        try:
-            return compare_many(items, pair.output_names, pair.class_score_outputs, config.atol, config.rtol, config.top_k)
-        except Exception as exc:  # outputs numpy cannot compare are a mismatch, never a crash
-            if len(items) > 1:  # find which: compare them one by one
-                return [comparison for item in items for comparison in cls._compare(pair, [item])]
-            return [Comparison(MISMATCH, {}, f"outputs could not be compared: {type(exc).__name__}: {exc}")]
-
-    def _record(self, pair: ModelPair, comparison: Comparison) -> None:
+    def _record(self, pair: ModelPair, comparison: Comparison, context: object = None) -> None:
         pair.metrics.comparison(comparison)
         pair.window.compared(comparison)
         if comparison.detail:

@@ -78,15 +78,18 @@ class LoopLoad:
 
     def _refresh(self) -> None:
         assert self._selector is not None
-        now, idle = time.perf_counter(), self._selector.idle_s
+        self.update(time.perf_counter(), self._selector.idle_s)
+        self._timer = asyncio.get_running_loop().call_later(PERIOD_S, self._refresh)
+
+    def update(self, now: float, idle_s: float) -> None:
+        """Fold in one period: wall clock `now` and the loop's total idle seconds so far."""
         wall = now - self._last[0]
         if wall > 0:
-            share = min(1.0, max(0.0, 1.0 - (idle - self._last[1]) / wall))
+            share = min(1.0, max(0.0, 1.0 - (idle_s - self._last[1]) / wall))
             self.busy = share if self._first else self.busy + SMOOTHING * (share - self.busy)
             self._first = False
             self._on_update(self.busy)
-        self._last = (now, idle)
-        self._timer = asyncio.get_running_loop().call_later(PERIOD_S, self._refresh)
+        self._last = (now, idle_s)
 
     def stop(self) -> None:
         if self._timer is not None:

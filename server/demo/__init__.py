@@ -131,7 +131,7 @@ async def _settle(gateway, timeout_s: float = 30.0) -> None:
     """Wait until the shadow work of the driven requests is done (it runs after the replies)."""
     dispatcher = gateway.dispatcher
     deadline = time.monotonic() + timeout_s
-    while (dispatcher.shadow_in_flight or dispatcher.comparisons_queued) and time.monotonic() < deadline:
+    while (dispatcher.shadow_in_flight or dispatcher.comparisons.queued) and time.monotonic() < deadline:
         await asyncio.sleep(0.05)
 
 

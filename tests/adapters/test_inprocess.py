@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
+import threading
 
 import mxnet as mx
 import numpy as np
@@ -64,11 +64,12 @@ async def test_torchscript_and_torch_export_programs_agree(demo_models, exported
 async def test_in_process_inference_has_a_deadline(demo_models):
     backend = mxnet_backend(demo_models)
     await backend.load()
-    backend._executor.submit(lambda: __import__("time").sleep(0.5))  # the one inference thread is busy
+    release = threading.Event()
+    backend._executor.submit(release.wait)  # the one inference thread is busy until released
     images, _ = synthetic_images(1, np.random.default_rng(0))
     with pytest.raises(BackendTimeout, match="exceeded 0.05s"):
         await backend.infer({"image": images}, timeout_s=0.05)
-    await asyncio.sleep(0.5)
+    release.set()
     assert (await backend.infer({"image": images}))["probabilities"].shape == (1, 6)
     await backend.close()
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 
 import grpc
 import mxnet as mx
@@ -23,7 +24,6 @@ from server.config import TensorConfig, TritonConfig
 from server.demo.mxnet_models import synthetic_images
 from server.errors import BackendError, BackendTimeout, ConfigError
 from tests.conftest import running_gateway, sample
-from tests.support.ports import free_port
 from tests.support.triton import start_triton
 
 MODEL = "classifier"
@@ -49,7 +49,7 @@ def candidate_spec(url: str, model: str = FAITHFUL, **extra) -> dict:
 def pair_config(demo_models, candidate: dict) -> dict:
     legacy = {"runtime": "mxnet", "symbol": str(demo_models.symbol), "params": str(demo_models.params),
               "tensor_names": {"image": "data"}, "input_names": ["data"]}
-    return {"models": [{
+    return {"server": {"backend_retry_s": 0.1}, "models": [{
         "name": MODEL,
         "inputs": [tensor.model_dump() for tensor in INPUTS],
         "outputs": [tensor.model_dump() for tensor in OUTPUTS],
@@ -88,22 +88,30 @@ async def wait_for(predicate, timeout_s: float = 10.0, what: str = "condition") 
         await asyncio.sleep(0.02)
 
 
-class TcpRelay:
-    """A loopback TCP relay to a real server: it becomes reachable at `url` once `open()` runs."""
+def refusing_socket() -> socket.socket:
+    """A loopback port of our own that refuses connections: bound, not listening, so nothing else can take it."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    return sock
 
-    def __init__(self, port: int, target: str) -> None:
-        self.url = f"127.0.0.1:{port}"
-        self._port = port
+
+class TcpRelay:
+    """A loopback TCP relay to a real server: connections are refused until `open()`, then relayed."""
+
+    def __init__(self, target: str) -> None:
+        self._socket = refusing_socket()
+        self.url = "127.0.0.1:%d" % self._socket.getsockname()[1]
         self._target = target.rsplit(":", 1)
         self._server: asyncio.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
 
     async def open(self) -> None:
-        self._server = await asyncio.start_server(self._relay, "127.0.0.1", self._port)
+        self._server = await asyncio.start_server(self._relay, sock=self._socket)
 
     async def close(self) -> None:
         if self._server is not None:
             self._server.close()
+        self._socket.close()
         for writer in list(self._writers):
             writer.close()
 
@@ -210,7 +218,7 @@ async def test_unknown_triton_model_serves_legacy_and_skips_candidate_while_retr
 
 async def test_unreachable_triton_serves_legacy_until_a_retry_connects(demo_models, triton, caplog):
     caplog.set_level(logging.WARNING, logger="shadowserve.dispatch")
-    relay = TcpRelay(free_port(), triton.url)  # nothing listens on its port until it opens
+    relay = TcpRelay(triton.url)  # nothing listens on its port until it opens
     batches = image_batches(14, [1, 1, 1])
     expected = direct_mxnet(demo_models, batches)
     try:
@@ -292,18 +300,21 @@ async def test_adapter_load_rejects_tensors_triton_does_not_serve(triton, change
     [("unknown_model", grpc.StatusCode.NOT_FOUND, "unknown model"), ("unreachable", grpc.StatusCode.UNAVAILABLE, "")],
 )
 async def test_adapter_load_failure_keeps_tritons_status(triton, where, code, text):
-    url, model = (triton.url, "no_such_model") if where == "unknown_model" else (f"127.0.0.1:{free_port()}", FAITHFUL)
+    refusing = refusing_socket()
+    unreachable = "127.0.0.1:%d" % refusing.getsockname()[1]
+    url, model = (triton.url, "no_such_model") if where == "unknown_model" else (unreachable, FAITHFUL)
     candidate = backend(url, model)
     with pytest.raises(BackendError) as raised:
         await candidate.load()
     assert raised.value.code == code and url in str(raised.value) and text in str(raised.value)
     assert not candidate.ready
     await candidate.close()
+    refusing.close()
 
 
 async def test_adapter_load_retry_connects_at_once_when_triton_comes_back(triton):
     """A failed load must not leave the next one failing fast in gRPC's reconnect backoff."""
-    relay = TcpRelay(free_port(), triton.url)
+    relay = TcpRelay(triton.url)
     candidate = backend(relay.url)
     try:
         with pytest.raises(BackendError, match="Connection refused") as raised:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import time
 
+import pytest
+
 from server import loop_load
 from server.config import ServerConfig
 from server.dispatch import Dispatcher
@@ -26,7 +28,21 @@ def measure(work) -> list[float]:
     return updates
 
 
-def test_a_loop_blocked_three_quarters_of_the_time_reads_about_three_quarters_busy():
+def test_the_busy_share_is_the_share_of_wall_time_not_spent_waiting_averaged_over_periods():
+    updates: list[float] = []
+    load = LoopLoad(updates.append)
+    now = idle = 0.0
+    for busy_share in (0.75, 0.75, 0.75, 0.75, 0.0, 0.0):  # periods of 0.1 s of wall time
+        now += 0.1
+        idle += 0.1 * (1 - busy_share)
+        load.update(now, idle)
+    assert updates[:4] == pytest.approx([0.75] * 4)  # the first period sets it, steady periods keep it
+    assert updates[4:] == pytest.approx([0.375, 0.1875])  # each period moves it half-way (SMOOTHING)
+    load.update(now, idle)  # no wall time passed: nothing to report
+    assert len(updates) == 6
+
+
+def test_a_loop_held_by_callbacks_reads_busy():
     async def blocked() -> None:
         end = time.perf_counter() + 0.8
         while time.perf_counter() < end:
@@ -34,9 +50,7 @@ def test_a_loop_blocked_three_quarters_of_the_time_reads_about_three_quarters_bu
             await asyncio.sleep(0.01)
 
     updates = measure(blocked)
-    assert len(updates) >= 4, updates
-    settled = sorted(updates[1:])
-    assert 0.55 < settled[len(settled) // 2] < 0.92, updates
+    assert len(updates) >= 2 and max(updates) > 0.3, updates
 
 
 def test_a_waiting_loop_reads_idle():
@@ -44,7 +58,7 @@ def test_a_waiting_loop_reads_idle():
         await asyncio.sleep(0.5)
 
     updates = measure(waiting)
-    assert len(updates) >= 3 and max(updates) < 0.2, updates
+    assert len(updates) >= 1 and max(updates) < 0.2, updates
 
 
 async def test_a_loop_it_cannot_time_reads_zero():

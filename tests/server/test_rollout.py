@@ -105,17 +105,21 @@ async def test_live_flips_by_ctl_and_by_file_under_load(backends, tmp_path):
 
     gateway = Gateway(load_config(path), CollectorRegistry(), config_path=path)
     await gateway.start()
-    sides: list[tuple[float, str]] = []
+    answers: list[tuple[float, str]] = []  # (when the request was sent, which side answered)
     failures: list[BaseException] = []
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
 
     async def load(client) -> None:
         while not stop.is_set():
+            sent = loop.time()
             try:
-                sides.append((loop.time(), await ask(client)))
+                answers.append((sent, await ask(client)))
             except Exception as exc:  # any failure fails the test below
                 failures.append(exc)
+
+    def sent_after(moment: float) -> list[str]:
+        return [side for sent, side in answers if sent > moment]
 
     def ctl(*args: str) -> str:
         result = subprocess.run([sys.executable, "-m", "server.cli", "ctl", "--admin", f"127.0.0.1:{gateway.admin_port}", *args],
@@ -126,23 +130,23 @@ async def test_live_flips_by_ctl_and_by_file_under_load(backends, tmp_path):
     try:
         async with triton_aio.InferenceServerClient(f"127.0.0.1:{gateway.grpc_port}") as client:
             workers = [loop.create_task(load(client)) for _ in range(4)]
-            await asyncio.sleep(0.3)
+            await wait_for(lambda: len(answers) >= 10, timeout_s=30)
             output = await asyncio.to_thread(ctl, "set", "m", "--serve", "100")
             assert "cutover" in output
-            flipped_to_candidate = loop.time()
-            await asyncio.sleep(0.5)
+            flipped_to_candidate = loop.time()  # the change applied before ctl's reply
+            await wait_for(lambda: len(sent_after(flipped_to_candidate)) >= 10, timeout_s=30)
             # An edit, as an operator or a ConfigMap update makes: the percentages it changes apply.
+            edited = loop.time()
             config["models"][0].update(shadow_percent=50, serve_percent=0)
             path.write_text(yaml.safe_dump(config))
-            await wait_for(lambda: gateway.dispatcher.pairs["m"].serve_percent == 0, timeout_s=5)
+            await wait_for(lambda: gateway.dispatcher.pairs["m"].serve_percent == 0, timeout_s=30)
             flipped_back = loop.time()
-            await asyncio.sleep(0.5)
+            await wait_for(lambda: len(sent_after(flipped_back)) >= 10, timeout_s=30)
             stop.set()
             await asyncio.gather(*workers)
         assert not failures, failures[:3]
-        assert sum(side == "candidate" for t, side in sides if flipped_to_candidate + 0.05 < t < flipped_back - 0.2) > 10
-        assert all(side == "candidate" for t, side in sides if flipped_to_candidate + 0.05 < t < flipped_back - 0.2)
-        assert all(side == "legacy" for t, side in sides if t > flipped_back + 0.05)
+        assert {side for sent, side in answers if flipped_to_candidate < sent < edited} == {"candidate"}
+        assert set(sent_after(flipped_back)) == {"legacy"}
         assert sample(gateway.registry, "shadowserve_config_reloads_total", result="applied") == 1
 
         path.write_text("models: [")  # a broken edit is rejected; the running config stays
@@ -159,23 +163,34 @@ async def test_live_flips_by_ctl_and_by_file_under_load(backends, tmp_path):
         await gateway.stop(0.5)
 
 
+GUARD = {"window": 50, "min_samples": 20, "max_mismatch_rate": 0.1}
+# Judged every window/20 = 2 outcomes. After 40 matching outcomes the mismatch rate m/(40 + m) passes 10% at
+# m = 5, so the guard rolls back at the 5th or 6th mismatched outcome.
+
+
+def outcomes(gateway) -> float:
+    return sum(sample(gateway.registry, "shadowserve_comparisons_total", model="m", verdict=verdict)
+               for verdict in ("match", "mismatch", "shape_mismatch"))
+
+
 async def test_guard_rolls_back_a_candidate_that_starts_disagreeing(backends):
     legacy_url, _, candidate_url, candidate = backends
-    guard = {"window": 50, "min_samples": 20, "max_mismatch_rate": 0.1}
     async with running_gateway({"models": [pair_config(legacy_url, candidate_url, shadow_percent=100, serve_percent=50,
-                                                        guard=guard)]}) as gateway:
+                                                        guard=GUARD)]}) as gateway:
+        pair = gateway.dispatcher.pairs["m"]
         async with triton_aio.InferenceServerClient(f"127.0.0.1:{gateway.grpc_port}") as client:
             for i in range(40):
                 await ask(client, f"k{i}")
-            assert gateway.dispatcher.pairs["m"].stage == "canary"
+            await wait_for(lambda: outcomes(gateway) == 40)
+            assert pair.stage == "canary"
             candidate.transform = scale_by(3.0)  # the candidate goes wrong mid-run
-            for i in range(60):
+            for i in range(20):
                 await ask(client, f"k{i}")
-                if gateway.dispatcher.pairs["m"].stage == "rolled_back":
+                await wait_for(lambda: outcomes(gateway) == 41 + i)  # this request's outcome reached the guard
+                if pair.stage == "rolled_back":
                     break
-            pair = gateway.dispatcher.pairs["m"]
             assert pair.stage == "rolled_back" and pair.serve_percent == 0 and pair.shadow_percent == 100
-            assert i < 40  # within the window
+            assert sample(gateway.registry, "shadowserve_comparisons_total", model="m", verdict="mismatch") in (5, 6)
             assert {await ask(client, f"k{j}") for j in range(30)} == {"legacy"}
             mismatches_before = sample(gateway.registry, "shadowserve_comparisons_total", model="m", verdict="mismatch")
             await ask(client)
@@ -187,10 +202,45 @@ async def test_guard_rolls_back_a_candidate_that_starts_disagreeing(backends):
         assert change.source == "guard" and change.new_stage == "rolled_back" and change.reason.startswith("mismatch_rate: ")
 
 
+async def test_guard_bounds_the_wrong_answers_a_canary_serves_whatever_the_request_rate(backends):
+    """Served answers reach the guard at once, so how many wrong ones clients get does not grow with traffic."""
+    legacy_url, _, candidate_url, candidate = backends
+    clients = 8
+    wrong = (X * 3).tobytes()
+    # Shadow-only comparisons may wait 10 s to be batched; answers clients got from the candidate must not.
+    async with running_gateway({"server": {"comparison": {"batch_s": 10}},
+                                "models": [pair_config(legacy_url, candidate_url, shadow_percent=100, serve_percent=100,
+                                                       guard=GUARD)]}) as gateway:
+        pair = gateway.dispatcher.pairs["m"]
+        served_wrong = 0
+        stop = asyncio.Event()
+
+        async def load(client) -> None:
+            nonlocal served_wrong
+            tensor = triton_aio.InferInput("x", [1, 2], "FP32")
+            tensor.set_data_from_numpy(X)
+            while not stop.is_set():
+                served_wrong += (await client.infer("m", [tensor])).as_numpy("y").tobytes() == wrong
+
+        async with triton_aio.InferenceServerClient(f"127.0.0.1:{gateway.grpc_port}") as client:
+            loop = asyncio.get_running_loop()
+            workers = [loop.create_task(load(client)) for _ in range(clients)]
+            await wait_for(lambda: outcomes(gateway) >= 60, timeout_s=30)
+            candidate.transform = scale_by(3.0)
+            await wait_for(lambda: pair.stage == "rolled_back", timeout_s=30)
+            stop.set()
+            await asyncio.gather(*workers)
+        # At most 7 mismatched outcomes trip the guard (6 past a full window of matches, plus one for judging
+        # every other outcome); each client may also hold one answer in flight and one not yet compared.
+        assert 1 <= served_wrong <= 7 + 2 * clients, served_wrong
+
+
 async def test_guard_rolls_back_a_failing_candidate_and_canary_falls_back(backends):
     legacy_url, _, candidate_url, candidate = backends
     guard = {"window": 30, "min_samples": 10, "max_error_rate": 0.2}
-    async with running_gateway({"models": [pair_config(legacy_url, candidate_url, serve_percent=100, guard=guard)]}) as gateway:
+    breaker = {"failures": 5, "open_s": 600, "max_open_s": 600}  # no probe can fall inside the test
+    async with running_gateway({"models": [pair_config(legacy_url, candidate_url, serve_percent=100, guard=guard,
+                                                        circuit_breaker=breaker)]}) as gateway:
         async with triton_aio.InferenceServerClient(f"127.0.0.1:{gateway.grpc_port}") as client:
             assert await ask(client) == "candidate"
             await wait_for(lambda: sample(gateway.registry, "shadowserve_comparisons_total", model="m", verdict="match") == 1)
