@@ -6,6 +6,7 @@ import abc
 import asyncio
 import concurrent.futures
 import dataclasses
+import logging
 from typing import Sequence
 
 import numpy as np
@@ -105,8 +106,9 @@ class InProcessBackend(Backend):
             return self.run_blocking(inputs)
         except ShadowServeError:
             raise
-        except Exception as exc:  # the runtime's own error, reported with its text
-            raise BackendError(f"{self.runtime} inference failed: {type(exc).__name__}: {exc}") from exc
+        except Exception as exc:  # the runtime's own text stays in the log: it can disclose internals
+            logging.getLogger("shadowserve.adapters").exception("%s inference failed", self.runtime)
+            raise BackendError(f"{self.runtime} inference failed; the gateway log has the details") from exc
 
     async def close(self) -> None:
         await super().close()

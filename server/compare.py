@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -57,6 +58,8 @@ def divergences(legacy: Sequence[np.ndarray], candidate: Sequence[np.ndarray], a
     size = legacy[0].size
     if size == 0:
         return [OutputDivergence(0.0, 0.0, 0.0, 0.0, True)] * count
+    if legacy[0].dtype == object:
+        return [_equality(ref, new) for ref, new in zip(legacy, candidate)]
     ref = np.array(legacy, dtype=np.float64).reshape(count, size)
     new = np.array(candidate, dtype=np.float64).reshape(count, size)
     ref_norm = np.sqrt(np.einsum("ij,ij->i", ref, ref))
@@ -79,6 +82,13 @@ def divergences(legacy: Sequence[np.ndarray], candidate: Sequence[np.ndarray], a
     if class_scores and len(shape) >= 1:
         columns += top
     return [OutputDivergence(*row) for row in zip(*columns)]
+
+
+def _equality(legacy: np.ndarray, candidate: np.ndarray) -> OutputDivergence:
+    """BYTES outputs match only when equal element by element: max_abs is 1 when any element differs,
+    mean_abs the share that differ; rel_l2 and cosine mean nothing for them (NaN, never exported)."""
+    differ = int(np.count_nonzero(legacy != candidate))
+    return OutputDivergence(float(differ > 0), differ / legacy.size, math.nan, math.nan, differ == 0)
 
 
 def _class_agreement(ref: np.ndarray, new: np.ndarray, count: int, classes: int, top_k: int) -> list[list]:

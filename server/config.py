@@ -200,6 +200,16 @@ class ModelPairConfig(Strict):
     atol: float = Field(1e-5, ge=0, description="absolute tolerance of a match")
     rtol: float = Field(1e-4, ge=0, description="relative tolerance of a match")
     top_k: int = Field(5, ge=1, description="k of the top-k overlap of class-score outputs")
+    max_batch_size: int | None = Field(
+        None, ge=1, description="largest first dimension (the batch) of any input a client may send; null: no limit")
+    max_tensor_elements: int | None = Field(
+        None, ge=1, description="most elements one input tensor may hold; null: only max_message_bytes limits it")
+    max_concurrent_requests: int = Field(
+        1024, ge=1, description="requests of this model in flight at once, per worker process; beyond, "
+        "RESOURCE_EXHAUSTED")
+    expose_backend_details: bool = Field(
+        False, description="ModelMetadata and ModelConfig name the backends (runtimes, candidate address) and the "
+        "stage; false shows clients only what a Triton server would")
     routing_parameter: str = Field(
         "routing_key", description="request parameter hashed to pick a side; else the request id"
     )

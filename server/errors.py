@@ -31,6 +31,12 @@ class Unsupported(ShadowServeError):
     code = grpc.StatusCode.UNIMPLEMENTED
 
 
+class ResourceExhausted(ShadowServeError):
+    """A configured limit was reached; the message names it."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
 class BackendError(ShadowServeError):
     """A backend failed; `code` is the status the backend itself reported."""
 

@@ -15,19 +15,24 @@ from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc
 
 from server import __version__
-from server.codec import decode_inputs, encode_response, requested_outputs
+from server.codec import decode_inputs, encode_response, requested_outputs, shown
 from server.dispatch import Dispatcher, ModelPair
-from server.errors import ModelNotFound, ShadowServeError
+from server.errors import InvalidRequest, ModelNotFound, ResourceExhausted, ShadowServeError, Unsupported
 from server.tensors import InferRequest
 
 log = logging.getLogger("shadowserve.front")
 
 MODEL_VERSION = "1"
 STREAM_MAX_IN_FLIGHT = 128  # requests of one stream processed at once; reading pauses beyond
+MAX_DETAILS_CHARS = 1000  # status details travel in a header; a long one would fail the whole response
 
 
 class StatusInterceptor(grpc.aio.ServerInterceptor):
-    """Maps the product's exceptions to gRPC statuses for every RPC; hides everything else."""
+    """Maps the product's exceptions to gRPC statuses for every RPC; hides everything else.
+
+    It also parses the request messages itself, so a message that is not valid protobuf (or
+    carries invalid UTF-8 in a string) gets INVALID_ARGUMENT instead of gRPC's UNKNOWN.
+    """
 
     def __init__(self) -> None:
         self._wrapped: dict[str, grpc.RpcMethodHandler] = {}
@@ -44,30 +49,71 @@ class StatusInterceptor(grpc.aio.ServerInterceptor):
 
     @staticmethod
     def _wrap(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        parse = handler.request_deserializer
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(
-                _mapping_errors(handler.unary_unary), handler.request_deserializer, handler.response_serializer
+                _mapping_errors(handler.unary_unary, parse, stream=False), None, handler.response_serializer
             )
         if handler.stream_stream is not None:
             return grpc.stream_stream_rpc_method_handler(
-                _mapping_errors(handler.stream_stream), handler.request_deserializer, handler.response_serializer
+                _mapping_errors(handler.stream_stream, parse, stream=True), None, handler.response_serializer
             )
         return handler
 
 
-def _mapping_errors(behaviour):
-    """`behaviour` (unary or bidi-stream) with its exceptions turned into statuses."""
+def _mapping_errors(behaviour, parse, stream: bool):
+    """`behaviour` (unary or bidi-stream) with its requests parsed and its exceptions turned into statuses."""
 
     async def answer(request_or_iterator, context):
         try:
+            if parse is not None and stream:
+                context = _ParsingContext(context, parse)
+                request_or_iterator = _parsed_stream(request_or_iterator, parse)
+            elif parse is not None:
+                request_or_iterator = _parsed(request_or_iterator, parse)
             return await behaviour(request_or_iterator, context)
         except ShadowServeError as exc:
-            await context.abort(exc.code, str(exc))
+            await context.abort(exc.code, _details(str(exc)))
         except Exception:
             log.exception("unhandled error in %s", behaviour.__name__)
             await context.abort(grpc.StatusCode.INTERNAL, "Internal server error")
 
     return answer
+
+
+def _parsed(message: bytes, parse):
+    try:
+        return parse(message)
+    except Exception:
+        kind = getattr(getattr(parse, "__self__", None), "DESCRIPTOR", None)
+        name = kind.full_name if kind is not None else "request"
+        raise InvalidRequest(
+            f"the request is not a valid {name} message (malformed protobuf, or a string field "
+            "that is not UTF-8)"
+        ) from None
+
+
+async def _parsed_stream(messages, parse):
+    async for message in messages:
+        yield _parsed(message, parse)
+
+
+class _ParsingContext:
+    """A stream's servicer context whose `read()` parses each message like `_parsed`."""
+
+    def __init__(self, context: grpc.aio.ServicerContext, parse) -> None:
+        self._context, self._parse = context, parse
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._context, name)
+
+    async def read(self) -> Any:
+        message = await self._context.read()
+        return message if message is grpc.aio.EOF else _parsed(message, self._parse)
+
+
+def _details(text: str) -> str:
+    return text if len(text) <= MAX_DETAILS_CHARS else text[:MAX_DETAILS_CHARS] + "..."
 
 
 @dataclasses.dataclass
@@ -80,7 +126,22 @@ class _Statistics:
 
 
 _DATA_TYPE = {name: mc.DataType.Value(f"TYPE_{name}") for name in
-              ("BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64", "FP16", "FP32", "FP64")}
+              ("BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64", "FP16", "FP32", "FP64",
+               "BF16")}
+_DATA_TYPE["BYTES"] = mc.TYPE_STRING
+
+
+def _unsupported(message: str):
+    """An RPC of the protocol the gateway does not serve: UNIMPLEMENTED, saying why."""
+
+    async def rpc(self, request, context):
+        raise Unsupported(message)
+
+    return rpc
+
+
+_NO_SHARED_MEMORY = "shared memory is not supported by this gateway; send tensors in the request"
+_NO_MODEL_CONTROL = "the gateway serves the models of its config file; add or remove models there and restart it"
 
 
 class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
@@ -89,6 +150,7 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
     def __init__(self, dispatcher: Dispatcher) -> None:
         self.dispatcher = dispatcher
         self._statistics = {name: _Statistics() for name in dispatcher.pairs}
+        self._in_flight = dict.fromkeys(dispatcher.pairs, 0)
 
     # -- health and metadata ----------------------------------------------------------------
 
@@ -99,12 +161,18 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         return pb.ServerReadyResponse(ready=all(pair.ready for pair in self.dispatcher.pairs.values()))
 
     async def ServerMetadata(self, request, context):
-        return pb.ServerMetadataResponse(name="shadowserve", version=__version__, extensions=[])
+        return pb.ServerMetadataResponse(
+            name="shadowserve", version=__version__, extensions=["model_configuration", "statistics"]
+        )
 
     def _pair(self, name: str, version: str) -> ModelPair:
-        pair = self.dispatcher.pair(name)
+        pair = self.dispatcher.pairs.get(name)
+        if pair is None:
+            raise ModelNotFound(f"unknown model {shown(name)}; this gateway serves {sorted(self.dispatcher.pairs)}")
         if version not in ("", MODEL_VERSION):
-            raise ModelNotFound(f"model {name!r} has no version {version!r}; it serves version {MODEL_VERSION!r}")
+            raise ModelNotFound(
+                f"model {shown(name)} has no version {shown(version)}; it serves version {MODEL_VERSION!r}"
+            )
         return pair
 
     async def ModelReady(self, request, context):
@@ -116,7 +184,7 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         return pb.ModelMetadataResponse(
             name=pair.name,
             versions=[MODEL_VERSION],
-            platform=f"shadowserve ({describe_pair(pair)})",
+            platform=f"shadowserve ({describe_pair(pair)})" if pair.config.expose_backend_details else "shadowserve",
             inputs=[tensor(name=t.name, datatype=t.datatype, shape=t.shape) for t in pair.config.inputs],
             outputs=[tensor(name=t.name, datatype=t.datatype, shape=t.shape) for t in pair.config.outputs],
         )
@@ -130,8 +198,9 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
             input=[mc.ModelInput(name=t.name, data_type=_DATA_TYPE[t.datatype], dims=t.shape) for t in pair.config.inputs],
             output=[mc.ModelOutput(name=t.name, data_type=_DATA_TYPE[t.datatype], dims=t.shape) for t in pair.config.outputs],
         )
-        for key, value in pair_parameters(pair).items():
-            config.parameters[key].string_value = value
+        if pair.config.expose_backend_details:
+            for key, value in pair_parameters(pair).items():
+                config.parameters[key].string_value = value
         return pb.ModelConfigResponse(config=config)
 
     async def ModelStatistics(self, request, context):
@@ -153,6 +222,27 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
             model.inference_stats.fail.ns = stats.fail_ns
         return response
 
+    async def RepositoryIndex(self, request, context):
+        if request.repository_name:
+            raise ModelNotFound(f"unknown repository {shown(request.repository_name)}; this gateway has one, unnamed")
+        entry = pb.RepositoryIndexResponse.ModelIndex
+        return pb.RepositoryIndexResponse(models=[
+            entry(name=pair.name, version=MODEL_VERSION, state="READY" if pair.ready else "UNAVAILABLE",
+                  reason="" if pair.ready else "the legacy backend is not ready")
+            for pair in self.dispatcher.pairs.values() if pair.ready or not request.ready
+        ])
+
+    RepositoryModelLoad = _unsupported(f"RepositoryModelLoad: {_NO_MODEL_CONTROL}")
+    RepositoryModelUnload = _unsupported(f"RepositoryModelUnload: {_NO_MODEL_CONTROL}")
+    SystemSharedMemoryStatus = _unsupported(_NO_SHARED_MEMORY)
+    SystemSharedMemoryRegister = _unsupported(_NO_SHARED_MEMORY)
+    SystemSharedMemoryUnregister = _unsupported(_NO_SHARED_MEMORY)
+    CudaSharedMemoryStatus = _unsupported(_NO_SHARED_MEMORY)
+    CudaSharedMemoryRegister = _unsupported(_NO_SHARED_MEMORY)
+    CudaSharedMemoryUnregister = _unsupported(_NO_SHARED_MEMORY)
+    TraceSetting = _unsupported("tracing is not supported by this gateway")
+    LogSettings = _unsupported("log settings cannot be read or changed over gRPC; the gateway's --log-level sets them")
+
     # -- inference ----------------------------------------------------------------------------
 
     async def ModelInfer(self, request, context):
@@ -162,25 +252,35 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         start = time.perf_counter_ns()
         pair = self._pair(request.model_name, request.model_version)
         stats = self._statistics[pair.name]
+        config = pair.config
         try:
             try:
-                inputs = decode_inputs(request, pair.inputs)
+                if self._in_flight[pair.name] >= config.max_concurrent_requests:
+                    raise ResourceExhausted(
+                        f"model {pair.name!r} already has {config.max_concurrent_requests} requests in flight, "
+                        "its max_concurrent_requests; retry later"
+                    )
+                inputs = decode_inputs(request, pair.inputs, config.max_batch_size, config.max_tensor_elements)
                 requested = requested_outputs(request, pair.output_names)
             except ShadowServeError as exc:
                 pair.metrics.request(exc.code.name, "legacy")
                 raise
-            key = request.parameters.get(pair.config.routing_parameter)
-            outputs = await self.dispatcher.infer(
-                pair,
-                InferRequest(
-                    model=pair.name,
-                    inputs=inputs,
-                    id=request.id,
-                    routing_key=_parameter_text(key) if key is not None else None,
-                    requested_outputs=requested,
-                    deadline_s=deadline_s,
-                ),
-            )
+            key = request.parameters.get(config.routing_parameter)
+            self._in_flight[pair.name] += 1
+            try:
+                outputs = await self.dispatcher.infer(
+                    pair,
+                    InferRequest(
+                        model=pair.name,
+                        inputs=inputs,
+                        id=request.id,
+                        routing_key=_parameter_text(key) if key is not None else None,
+                        requested_outputs=requested,
+                        deadline_s=deadline_s,
+                    ),
+                )
+            finally:
+                self._in_flight[pair.name] -= 1
         except BaseException:
             stats.fail_count += 1
             stats.fail_ns += time.perf_counter_ns() - start
@@ -202,7 +302,7 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
                     response = pb.ModelStreamInferResponse(infer_response=await self._infer(request, None))
                 except ShadowServeError as exc:
                     response = pb.ModelStreamInferResponse(
-                        error_message=str(exc),
+                        error_message=_details(str(exc)),
                         infer_response=pb.ModelInferResponse(
                             model_name=request.model_name, model_version=request.model_version, id=request.id
                         ),

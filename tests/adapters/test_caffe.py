@@ -120,7 +120,7 @@ async def test_legacy_answers_exactly_as_a_direct_opencv_call_for_any_batch_size
 async def test_operators_see_which_executor_really_ran(lenet, monkeypatch, caplog):
     monkeypatch.setitem(sys.modules, "caffe", None)  # no pycaffe on this host, whatever is installed
     caplog.set_level(logging.INFO)
-    async with running_gateway({"models": [lenet.pair()]}) as gateway, \
+    async with running_gateway({"models": [{**lenet.pair(), "expose_backend_details": True}]}) as gateway, \
             triton_aio.InferenceServerClient(f"127.0.0.1:{gateway.grpc_port}") as client:
         metadata = await client.get_model_metadata("lenet")
         parameters = (await client.get_model_config("lenet")).config.parameters
@@ -251,7 +251,7 @@ async def test_pycaffe_executor_wiring_against_a_stand_in_module(lenet, monkeypa
     caffe = stand_in_pycaffe()
     monkeypatch.setitem(sys.modules, "caffe", caffe)
     images = images_for(7, seed=8)
-    pair = {**lenet.pair(), "candidate": None, "shadow_percent": 0}
+    pair = {**lenet.pair(), "candidate": None, "shadow_percent": 0, "expose_backend_details": True}
     async with running_gateway({"models": [pair]}) as gateway:
         answer = await drive(gateway, "lenet", images, 5, ["probabilities"])
         async with triton_aio.InferenceServerClient(f"127.0.0.1:{gateway.grpc_port}") as client:

@@ -76,3 +76,30 @@ def test_batched_comparison_equals_one_by_one():
             np.testing.assert_allclose(list(got.outputs[name].measures().values()), list(out.measures().values()), rtol=1e-12)
             assert (got.outputs[name].top1_agree, got.outputs[name].top1_total) == (out.top1_agree, out.top1_total)
             assert got.outputs[name].topk_overlap == pytest.approx(out.topk_overlap)
+
+
+def _bytes(*rows: list[bytes]) -> np.ndarray:
+    array = np.empty((len(rows), len(rows[0])), dtype=object)
+    array[:] = rows
+    return array
+
+
+def test_bytes_outputs_compare_by_equality():
+    legacy = _bytes([b"cat", b"dog"], [b"", b"\xff\x00"])
+    same = divergence(legacy, _bytes([b"cat", b"dog"], [b"", b"\xff\x00"]), atol=0, rtol=0)
+    assert (same.max_abs, same.mean_abs, same.within_tolerance) == (0.0, 0.0, True)
+    changed = divergence(legacy, _bytes([b"cat", b"Dog"], [b"", b"\xff"]), atol=1e9, rtol=1e9, class_scores=True)
+    assert (changed.max_abs, changed.mean_abs, changed.within_tolerance) == (1.0, 0.5, False)  # tolerances mean nothing
+    assert np.isnan(changed.rel_l2) and np.isnan(changed.cosine) and changed.top1_total == 0
+    verdicts = compare_many([({"y": legacy}, {"y": legacy.copy()}), ({"y": legacy}, {"y": _bytes([b"cat", b"dog"], [b"", b""])})], ["y"])
+    assert [c.verdict for c in verdicts] == [MATCH, MISMATCH]
+
+
+def test_bf16_outputs_compare_as_numbers():
+    import ml_dtypes
+
+    legacy = np.array([[1.0, 2.0, 3.0]], ml_dtypes.bfloat16)
+    candidate = np.array([[1.0, 2.0, 3.015625]], ml_dtypes.bfloat16)  # one bf16 step above 3
+    result = divergence(legacy, candidate, atol=0.01, rtol=0)
+    assert result.max_abs == pytest.approx(0.015625) and not result.within_tolerance
+    assert compare({"y": legacy}, {"y": candidate}, ["y"], atol=0.02).verdict == MATCH

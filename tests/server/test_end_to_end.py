@@ -142,7 +142,8 @@ async def test_typed_contents_and_streaming_clients(demo_models):
 
 
 async def test_metadata_config_readiness_and_statistics(demo_models):
-    async with running_gateway(classifier_config(demo_models, demo_models.faithful_torch)) as gateway:
+    config = classifier_config(demo_models, demo_models.faithful_torch, expose_backend_details=True)
+    async with running_gateway(config) as gateway:
         async with triton_aio.InferenceServerClient(f"127.0.0.1:{gateway.grpc_port}") as client:
             assert await client.is_server_live() and await client.is_server_ready()
             assert await client.is_model_ready("classifier")

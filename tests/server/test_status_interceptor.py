@@ -5,8 +5,10 @@ from __future__ import annotations
 import grpc
 import pytest
 
+from tritonclient.grpc import service_pb2 as pb
+
 from server.errors import BackendError, InvalidRequest
-from server.grpc_front import StatusInterceptor
+from server.grpc_front import MAX_DETAILS_CHARS, StatusInterceptor
 
 
 async def _raise(exc: Exception):
@@ -31,7 +33,21 @@ def _handlers() -> grpc.GenericRpcHandler:
         "Ok": grpc.unary_unary_rpc_method_handler(lambda request, context: _echo(request)),
         "StreamInvalid": stream(InvalidRequest("bad stream")),
         "StreamBug": stream(KeyError("internals")),
+        "Long": unary(InvalidRequest("x" * 100_000)),
+        "Parsed": grpc.unary_unary_rpc_method_handler(
+            _model_name, pb.ModelInferRequest.FromString, pb.ModelInferResponse.SerializeToString),
+        "StreamParsed": grpc.stream_stream_rpc_method_handler(
+            _model_names, pb.ModelInferRequest.FromString, pb.ModelInferResponse.SerializeToString),
     })
+
+
+async def _model_name(request: pb.ModelInferRequest, context) -> pb.ModelInferResponse:
+    return pb.ModelInferResponse(model_name=request.model_name)
+
+
+async def _model_names(request_iterator, context) -> None:
+    while (request := await context.read()) is not grpc.aio.EOF:
+        await context.write(pb.ModelInferResponse(model_name=request.model_name))
 
 
 async def _echo(request: bytes) -> bytes:
@@ -77,3 +93,32 @@ async def test_unknown_methods_stay_unimplemented(channel):
     with pytest.raises(grpc.aio.AioRpcError) as failure:
         await channel.unary_unary("/test.Status/Nope")(b"x")
     assert failure.value.code() == grpc.StatusCode.UNIMPLEMENTED
+
+
+async def test_long_details_are_cut_short(channel):
+    with pytest.raises(grpc.aio.AioRpcError) as failure:
+        await channel.unary_unary("/test.Status/Long")(b"x")
+    assert failure.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert failure.value.details() == "x" * MAX_DETAILS_CHARS + "..."
+
+
+GARBAGE = [b"\xff\xff\xff", pb.ModelInferRequest(model_name="ok").SerializeToString().replace(b"ok", b"\xc3\x28")]
+
+
+@pytest.mark.parametrize("message", GARBAGE, ids=["not protobuf", "invalid UTF-8"])
+async def test_messages_that_do_not_parse_are_invalid_arguments(channel, message):
+    call = channel.unary_unary("/test.Status/Parsed")
+    assert pb.ModelInferResponse.FromString(await call(pb.ModelInferRequest(model_name="m").SerializeToString())).model_name == "m"
+    with pytest.raises(grpc.aio.AioRpcError) as failure:
+        await call(message)
+    assert failure.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert failure.value.details() == (
+        "the request is not a valid inference.ModelInferRequest message (malformed protobuf, or a string field that is not UTF-8)")
+
+    stream = channel.stream_stream("/test.Status/StreamParsed")()
+    await stream.write(pb.ModelInferRequest(model_name="first").SerializeToString())
+    assert pb.ModelInferResponse.FromString(await stream.read()).model_name == "first"
+    await stream.write(message)
+    with pytest.raises(grpc.aio.AioRpcError) as failure:
+        await stream.read()
+    assert failure.value.code() == grpc.StatusCode.INVALID_ARGUMENT
