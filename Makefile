@@ -12,7 +12,7 @@ install: $(INSTALLED) protos
 $(INSTALLED): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip setuptools wheel
-	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q -e ".[test,mxnet,caffe,torch]"
 	touch $@
 
 protos: $(INSTALLED) $(PROTOS)

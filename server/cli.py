@@ -1,9 +1,12 @@
-"""`shadowserve` command line: serve, demo, ctl."""
+"""`shadowserve` command line: serve, demo, ctl, check-config."""
 
 from __future__ import annotations
 
 import argparse
+import datetime
+import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -33,9 +36,65 @@ def _demo(args: argparse.Namespace) -> int:
     return loop_load.run(run_demo(requests=args.requests, legacy=args.legacy, serve=args.serve, workdir=args.workdir))
 
 
+def _check_config(args: argparse.Namespace) -> int:
+    from server.config import load_config
+
+    config = load_config(args.file, check_files=not args.skip_files)
+    print(f"{args.file}: valid")
+    for model in config.models:
+        candidate = model.candidate.runtime if model.candidate else "none"
+        print(f"  {model.name}: legacy {model.legacy.runtime}, candidate {candidate}, "
+              f"shadow {model.shadow_percent:g}%, serve {model.serve_percent:g}%")
+    return 0
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line. A message that is itself a JSON object (a rollout change) is merged in."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        event: dict = {
+            "time": datetime.datetime.fromtimestamp(record.created, datetime.timezone.utc).isoformat(timespec="milliseconds"),
+            "level": record.levelname,
+            "logger": record.name,
+            "pid": record.process,
+        }
+        message = record.getMessage()
+        try:
+            fields = json.loads(message) if message.startswith("{") else None
+        except ValueError:
+            fields = None
+        if isinstance(fields, dict):
+            event.update((key, value) for key, value in fields.items() if key not in event)
+        else:
+            event["message"] = message
+        if record.exc_info:
+            event["exception"] = self.formatException(record.exc_info)
+        return json.dumps(event, default=str)
+
+
+def configure_logging(level: str = "INFO", log_format: str | None = None) -> None:
+    """Logging for this process; `log_format` defaults to $SHADOWSERVE_LOG_FORMAT, else "text".
+
+    The choice is exported in $SHADOWSERVE_LOG_FORMAT so processes the gateway starts log alike.
+    """
+    log_format = log_format or os.environ.get("SHADOWSERVE_LOG_FORMAT") or "text"
+    os.environ["SHADOWSERVE_LOG_FORMAT"] = log_format
+    handler = logging.StreamHandler()
+    if log_format == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=level, handlers=[handler], force=True)
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from server.metrics import build_version
+
     parser = argparse.ArgumentParser(prog="shadowserve", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"shadowserve {build_version()}")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    parser.add_argument("--log-format", choices=["text", "json"], default=None,
+                        help="text, or json: one JSON object per line (default: env SHADOWSERVE_LOG_FORMAT, else text)")
     commands = parser.add_subparsers(dest="command", required=True)
 
     serve = commands.add_parser("serve", help="run the gateway from a config file")
@@ -50,15 +109,24 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--workdir", default=None, help="where model files go (default: a temporary folder)")
     demo.set_defaults(run=_demo)
 
+    check = commands.add_parser("check-config", help="validate a config file as `serve` would, then exit")
+    check.add_argument("file", help="YAML config file")
+    check.add_argument("--skip-files", action="store_true",
+                       help="do not require the model files to exist (a config meant for another machine)")
+    check.set_defaults(run=_check_config)
+
     from server.ctl import add_parser as add_ctl
 
     add_ctl(commands)
+    from server.insight.cli import add_parser as add_insight
+
+    add_insight(commands)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(args.log_level, args.log_format)
     try:
         return args.run(args)
     except ConfigError as exc:

@@ -6,6 +6,7 @@ Names and labels are a contract with the dashboards and alerts in `dashboards/` 
 from __future__ import annotations
 
 import math
+import platform
 from typing import Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -20,6 +21,18 @@ SKIP_REASONS = ("sampled_out", "saturated", "overloaded", "timeout", "error", "c
 SHADOWED_SKIP_REASONS = SKIP_REASONS[1:]  # a shadowed request not compared; sampled_out ones were never shadowed
 STAGES = ("off", "shadow", "canary", "cutover", "rolled_back")
 ROLLBACK_REASONS = ("manual", "mismatch_rate", "top1_agreement", "error_rate", "latency")
+FALLBACK_REASONS = ("not_ready", "timeout", "error", "circuit_open")
+RELOAD_RESULTS = ("applied", "rejected")
+
+
+def build_version() -> str:
+    """The installed shadowserve version ("unknown" when run from a tree that was never installed)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("shadowserve")
+    except PackageNotFoundError:
+        return "unknown"
 
 
 class _Unrecorded:
@@ -98,6 +111,12 @@ class Metrics:
             ["model", "reason"], registry=registry)
         self.config_reloads = counter(
             "shadowserve_config_reloads_total", "Config file reloads, by result.", ["result"], registry=registry)
+        for result in RELOAD_RESULTS:  # at zero from the start, so increase() sees the first one
+            self.config_reloads.labels(result)
+        self.build_info = gauge(
+            "shadowserve_build_info", "Always 1; the labels say which build and Python this gateway runs.",
+            ["version", "python"], registry=registry, multiprocess_mode="max")
+        self.build_info.labels(build_version(), platform.python_version()).set(1)
 
     def for_model(self, model: str, outputs: Iterable[str], class_score_outputs: Iterable[str] = ()) -> "ModelMetrics":
         return ModelMetrics(self, model, tuple(outputs), tuple(class_score_outputs))
@@ -130,6 +149,10 @@ class ModelMetrics:
         self._errors: dict[tuple[str, str], Counter] = {}
         for served_by in ROLES:
             self._request_child("OK", served_by)
+        for reason in FALLBACK_REASONS:  # counters alerts read exist at zero before the first event
+            metrics.fallbacks.labels(model, reason)
+        for reason in ROLLBACK_REASONS:
+            metrics.rollbacks.labels(model, reason)
 
     def _request_child(self, code: str, served_by: str) -> Counter:
         child = self._requests.get((code, served_by))

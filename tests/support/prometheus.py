@@ -16,15 +16,19 @@ from tests.support.ports import free_port
 
 
 @contextlib.contextmanager
-def prometheus_scraping(targets: list[str], workdir: Path, interval_s: float = 0.5) -> Iterator[str]:
-    """Run `prometheus` scraping `targets`; yields its base URL."""
+def prometheus_scraping(targets: list[str], workdir: Path, interval_s: float = 0.5,
+                        labels: dict[str, str] | None = None) -> Iterator[str]:
+    """Run `prometheus` scraping `targets`; yields its base URL.
+
+    `labels` are added to every scraped series, as the Prometheus Operator adds `namespace` and `pod`.
+    """
     binary = shutil.which("prometheus")
     assert binary, "the prometheus binary is missing: `make system-deps` installs it"
     config = workdir / "prometheus.yml"
     config.write_text(
         "global:\n  scrape_interval: {i}ms\n  evaluation_interval: {i}ms\n"
-        "scrape_configs:\n  - job_name: shadowserve\n    static_configs:\n      - targets: {t}\n".format(
-            i=int(interval_s * 1000), t=json.dumps(targets)
+        "scrape_configs:\n  - job_name: shadowserve\n    static_configs:\n      - targets: {t}\n        labels: {l}\n".format(
+            i=int(interval_s * 1000), t=json.dumps(targets), l=json.dumps(labels or {})
         )
     )
     port = free_port()
