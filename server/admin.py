@@ -9,13 +9,14 @@ import grpc
 from protos import admin_pb2 as pb
 from protos import admin_pb2_grpc
 from server.config import is_loopback
+from server.desired_state import Persistence
 from server.dispatch import ModelPair
 from server.errors import ConfigError, InvalidRequest
 from server.grpc_front import StatusInterceptor
 from server.rollout import RolloutController
 
 
-def pair_status(pair: ModelPair, last_rollback_reason: str = "") -> pb.PairStatus:
+def pair_status(pair: ModelPair, last_rollback_reason: str = "", persistence: Persistence | None = None) -> pb.PairStatus:
     summary = pair.window.summary()
     window = pb.WindowStats(samples=summary.samples)
     for field, value in (
@@ -31,6 +32,7 @@ def pair_status(pair: ModelPair, last_rollback_reason: str = "") -> pb.PairStatu
         model=pair.name, stage=pair.stage, shadow_percent=pair.shadow_percent, serve_percent=pair.serve_percent,
         has_candidate=pair.candidate is not None, window=window, last_rollback_reason=last_rollback_reason,
         candidate_circuit_open=pair.breaker.is_open,
+        persistence=None if persistence is None else pb.Persistence(**dataclasses.asdict(persistence)),
     )
 
 
@@ -39,11 +41,21 @@ class AdminServicer(admin_pb2_grpc.ShadowAdminServicer):
         self.controller = controller
 
     def _status(self, pair: ModelPair) -> pb.PairStatus:
-        return pair_status(pair, self.controller.last_rollback_reason.get(pair.name, ""))
+        state = self.controller.desired_state
+        persistence = None if state is None else state.describe(
+            pair.name, pair.shadow_percent, pair.serve_percent, pair.stage == "rolled_back")
+        return pair_status(pair, self.controller.last_rollback_reason.get(pair.name, ""), persistence)
+
+    def _changed(self, pair: ModelPair) -> pb.PairStatus:
+        """A change's reply: the pair now, and whether the change was written into the config file."""
+        return pair_status(pair, self.controller.last_rollback_reason.get(pair.name, ""),
+                           self.controller.persistence.get(pair.name))
 
     async def Status(self, request, context):
         pairs = [self.controller.pair(request.model)] if request.model else list(self.controller.dispatcher.pairs.values())
-        response = pb.StatusResponse(pairs=[self._status(pair) for pair in pairs])
+        state = self.controller.desired_state
+        response = pb.StatusResponse(pairs=[self._status(pair) for pair in pairs],
+                                     config_digest=state.digest[:12] if state is not None and state.digest else "")
         if request.include_history:
             response.history.extend(
                 pb.Change(**dataclasses.asdict(change))
@@ -62,13 +74,13 @@ class AdminServicer(admin_pb2_grpc.ShadowAdminServicer):
             request.source or "api",
             request.reason,
         )
-        return self._status(pair)
+        return self._changed(pair)
 
     async def Promote(self, request, context):
-        return self._status(self.controller.promote(request.model, request.source or "api", request.reason))
+        return self._changed(self.controller.promote(request.model, request.source or "api", request.reason))
 
     async def Rollback(self, request, context):
-        return self._status(self.controller.rollback(request.model, request.source or "api", request.reason or "manual"))
+        return self._changed(self.controller.rollback(request.model, request.source or "api", request.reason or "manual"))
 
 
 async def start_admin_server(controller: RolloutController, listen: str, allow_remote: bool) -> tuple[grpc.aio.Server, int]:

@@ -278,6 +278,9 @@ class ServerConfig(Strict):
     )
     metrics: bool = Field(True, description="record Prometheus metrics; false records none (to measure their cost)")
     config_poll_s: float = Field(1.0, gt=0, description="how often the config file is checked for edits")
+    state_dir: Path | None = Field(
+        None, description="where guard rollbacks are kept across restarts; relative to the config file; default: "
+        ".shadowserve-state next to the config file where its folder is writable, else $TMPDIR/shadowserve-state")
     comparison: ComparisonConfig = ComparisonConfig()
     backend_retry_s: float = Field(
         1.0, gt=0, description="first pause before a backend that failed to load is tried again; doubles up to 30 s")

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import os
 
 import grpc
+from google.protobuf import json_format
 
 from protos import admin_pb2 as pb
 from protos import admin_pb2_grpc
@@ -20,7 +22,25 @@ def _ms(message, field: str) -> str:
     return f"{getattr(message, field) * 1000:.1f}" if message.HasField(field) else "-"
 
 
-def format_status(pairs, history=()) -> str:
+def format_persistence(pair, change: bool) -> list[str]:
+    """What an operator must know about a pair's state outlasting a restart; `change`: for a change's reply."""
+    if not pair.HasField("persistence"):
+        return []
+    kept = pair.persistence
+    if kept.persisted:
+        if change:
+            return [f"{pair.model}: saved in {kept.path}"]
+        return [f"{pair.model}: {kept.note} ({kept.path})"] if kept.note else []
+    what = "this change" if change else "the state in force"
+    lines = [f"{pair.model}: not persisted ({kept.note}): {what} lasts only until the gateway restarts"]
+    if kept.hint:
+        lines += ["to make it last, patch the ConfigMap the config file is mounted from "
+                  "(every replica follows within the kubelet's sync delay, typically up to a minute):",
+                  f"  {kept.hint}"]
+    return lines
+
+
+def format_status(pairs, history=(), change: bool = False) -> str:
     rows = [("model", "stage", "shadow%", "serve%", "samples", "match", "top-1", "cand err", "legacy p99 ms", "cand p99 ms")]
     for pair in pairs:
         w = pair.window
@@ -32,27 +52,43 @@ def format_status(pairs, history=()) -> str:
     lines += [f"{pair.model}: last rollback: {pair.last_rollback_reason}" for pair in pairs if pair.last_rollback_reason]
     lines += [f"{pair.model}: candidate circuit open: calls paused after failures in a row, probed again later"
               for pair in pairs if pair.candidate_circuit_open]
+    lines += [line for pair in pairs for line in format_persistence(pair, change)]
     if history:
         lines.append("")
         lines.append("history:")
-        for change in history:
-            when = datetime.datetime.fromtimestamp(change.time_unix).isoformat(timespec="seconds")
+        for entry in history:
+            when = datetime.datetime.fromtimestamp(entry.time_unix).isoformat(timespec="seconds")
             lines.append(
-                f"  {when} {change.model} [{change.source}] {change.old_stage} -> {change.new_stage} "
-                f"shadow {change.old_shadow_percent:g} -> {change.new_shadow_percent:g}, "
-                f"serve {change.old_serve_percent:g} -> {change.new_serve_percent:g}"
-                + (f" ({change.reason})" if change.reason else "")
+                f"  {when} {entry.model} [{entry.source}] {entry.old_stage} -> {entry.new_stage} "
+                f"shadow {entry.old_shadow_percent:g} -> {entry.new_shadow_percent:g}, "
+                f"serve {entry.old_serve_percent:g} -> {entry.new_serve_percent:g}"
+                + (f" ({entry.reason})" if entry.reason else "")
             )
     return "\n".join(lines)
 
 
+def as_json(message) -> dict:
+    data = json_format.MessageToDict(message, always_print_fields_with_no_presence=True, preserving_proto_field_name=True)
+    for pair in data.get("pairs", []):
+        pair["window"]["samples"] = int(pair["window"]["samples"])  # a number, not the JSON mapping's 64-bit string
+    return data
+
+
+def print_json(data: dict) -> None:
+    print(json.dumps(data, indent=2))
+
+
 def run(args: argparse.Namespace) -> int:
+    output = args.output
     with grpc.insecure_channel(args.admin) as channel:
         admin = admin_pb2_grpc.ShadowAdminStub(channel)
         try:
             if args.action == "status":
                 reply = admin.Status(pb.StatusRequest(model=args.model or "", include_history=args.history), timeout=args.timeout)
-                print(format_status(reply.pairs, reply.history))
+                if output == "json":
+                    print_json(as_json(reply))
+                else:
+                    print(format_status(reply.pairs, reply.history))
                 return 0
             if args.action == "set":
                 request = pb.SetPercentagesRequest(model=args.model, source="cli", reason=args.reason)
@@ -67,9 +103,15 @@ def run(args: argparse.Namespace) -> int:
                 pair = admin.Rollback(pb.RollbackRequest(model=args.model, source="cli", reason=args.reason or "manual"),
                                       timeout=args.timeout)
         except grpc.RpcError as error:
-            print(f"shadowserve ctl: {error.code().name}: {error.details()}")
+            if output == "json":
+                print_json({"error": {"code": error.code().name, "message": error.details()}})
+            else:
+                print(f"shadowserve ctl: {error.code().name}: {error.details()}")
             return 1
-    print(format_status([pair]))
+    if output == "json":
+        print_json({"pairs": as_json(pb.StatusResponse(pairs=[pair]))["pairs"]})
+    else:
+        print(format_status([pair], change=True))
     return 0
 
 
@@ -77,19 +119,23 @@ def add_parser(commands) -> None:
     ctl = commands.add_parser("ctl", help="rollout status and control of a running gateway")
     ctl.add_argument("--admin", default=os.environ.get("SHADOWSERVE_ADMIN", "127.0.0.1:8003"), help="admin address HOST:PORT (env SHADOWSERVE_ADMIN)")
     ctl.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the gateway")
+    output_help = "text (default), or json: the reply as JSON, for scripts"
+    ctl.add_argument("-o", "--output", choices=["text", "json"], default="text", help=output_help)
+    output = argparse.ArgumentParser(add_help=False)  # -o also after the action: `ctl status -o json`
+    output.add_argument("-o", "--output", choices=["text", "json"], default=argparse.SUPPRESS, help=output_help)
     actions = ctl.add_subparsers(dest="action", required=True)
-    status = actions.add_parser("status", help="stage, percentages and recent health per model")
+    status = actions.add_parser("status", parents=[output], help="stage, percentages and recent health per model")
     status.add_argument("model", nargs="?", help="one model (default: all)")
     status.add_argument("--history", action="store_true", help="also show the change history")
-    set_ = actions.add_parser("set", help="set shadow and/or serve percentages")
+    set_ = actions.add_parser("set", parents=[output], help="set shadow and/or serve percentages")
     set_.add_argument("model")
     set_.add_argument("--shadow", type=float, help="share of requests also sent to the candidate (0-100)")
     set_.add_argument("--serve", type=float, help="share of requests answered by the candidate (0-100)")
     set_.add_argument("--reason", default="")
-    promote = actions.add_parser("promote", help="move to the next stage: shadow, canary steps, cutover")
+    promote = actions.add_parser("promote", parents=[output], help="move to the next stage: shadow, canary steps, cutover")
     promote.add_argument("model")
     promote.add_argument("--reason", default="")
-    rollback = actions.add_parser("rollback", help="stop serving from the candidate now (shadowing continues)")
+    rollback = actions.add_parser("rollback", parents=[output], help="stop serving from the candidate now (shadowing continues)")
     rollback.add_argument("model")
     rollback.add_argument("--reason", default="")
     ctl.set_defaults(run=run)

@@ -6,6 +6,7 @@ Names and labels are a contract with the dashboards and alerts in `dashboards/` 
 from __future__ import annotations
 
 import math
+import os
 import platform
 from typing import Iterable
 
@@ -48,6 +49,21 @@ class _Unrecorded:
         pass
 
     dec = set = observe = inc
+
+    def remove(self, *values: str) -> None:
+        pass
+
+
+def _move_info(family: Gauge, old: tuple[str, ...] | None, new: tuple[str, ...]) -> None:
+    """An info gauge shows one label set at 1: the old one goes (to 0 where processes share metrics files)."""
+    if old == new:
+        return
+    if old is not None:
+        family.labels(*old).set(0)
+        if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):  # those files cannot drop a series
+            family.remove(*old)
+    family.labels(*new).set(1)
+
 
 
 class Metrics:
@@ -111,12 +127,26 @@ class Metrics:
             ["model", "reason"], registry=registry)
         self.config_reloads = counter(
             "shadowserve_config_reloads_total", "Config file reloads, by result.", ["result"], registry=registry)
+        self.rollout_info = gauge(
+            "shadowserve_rollout_info", "1 for the stage and percentages this replica applies to a model pair "
+            "(percentages as text like \"25\"); replicas disagree when a model shows more than one.",
+            ["model", "stage", "shadow_percent", "serve_percent"], registry=registry, multiprocess_mode="mostrecent")
+        self.config_info = gauge(
+            "shadowserve_config_info", "1 for the config file content this replica applied: sha256 prefix, 12 hex digits.",
+            ["digest"], registry=registry, multiprocess_mode="mostrecent")
+        self._config_digest: tuple[str, ...] | None = None
         for result in RELOAD_RESULTS:  # at zero from the start, so increase() sees the first one
             self.config_reloads.labels(result)
         self.build_info = gauge(
             "shadowserve_build_info", "Always 1; the labels say which build and Python this gateway runs.",
             ["version", "python"], registry=registry, multiprocess_mode="max")
         self.build_info.labels(build_version(), platform.python_version()).set(1)
+
+    def config_applied(self, digest: str) -> None:
+        """The gateway now follows the config file whose content has this sha256 (hex)."""
+        new = (digest[:12],)
+        _move_info(self.config_info, self._config_digest, new)
+        self._config_digest = new
 
     def for_model(self, model: str, outputs: Iterable[str], class_score_outputs: Iterable[str] = ()) -> "ModelMetrics":
         return ModelMetrics(self, model, tuple(outputs), tuple(class_score_outputs))
@@ -145,6 +175,7 @@ class ModelMetrics:
         self.serve_percent = metrics.serve_percent.labels(model)
         self.circuit_open = metrics.circuit_open.labels(model)
         self.circuit_open.set(0)
+        self._rollout: tuple[str, ...] | None = None
         self._requests: dict[tuple[str, str], Counter] = {}
         self._errors: dict[tuple[str, str], Counter] = {}
         for served_by in ROLES:
@@ -185,6 +216,9 @@ class ModelMetrics:
         self.serve_percent.set(serve_percent)
         for stage in STAGES:
             self._metrics.stage.labels(self.model, stage).set(1 if stage == current else 0)
+        rollout = (self.model, current, f"{shadow_percent:g}", f"{serve_percent:g}")
+        _move_info(self._metrics.rollout_info, self._rollout, rollout)
+        self._rollout = rollout
 
     def fallback(self, reason: str) -> None:
         self._metrics.fallbacks.labels(self.model, reason).inc()

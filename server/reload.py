@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 from pathlib import Path
 
 from server.config import Config, load_config
+from server.desired_state import DesiredState, file_digest
 from server.errors import ConfigError, ShadowServeError
 from server.metrics import Metrics
 from server.rollout import RolloutController
@@ -17,19 +17,23 @@ log = logging.getLogger("shadowserve.reload")
 LIVE_KEYS = {"shadow_percent", "serve_percent"}
 
 
-def _digest(path: Path) -> bytes | None:
-    try:
-        return hashlib.sha256(path.read_bytes()).digest()
-    except OSError:
-        return None  # mid-swap or briefly missing: look again next time
-
-
 class ConfigWatcher:
-    """Polls the file's content (mtimes are unreliable across ConfigMap symlink swaps)."""
+    """Polls the file's content (mtimes are unreliable across ConfigMap symlink swaps).
+
+    The file is the controller's desired state: unless the controller follows one already, the
+    watcher attaches it, so `ctl` changes are written back and kept guard rollbacks restored.
+    """
 
     def __init__(self, path: Path, applied: Config, controller: RolloutController, metrics: Metrics) -> None:
-        self.path, self.applied, self.controller, self.metrics = path, applied, controller, metrics
-        self._digest = _digest(path)
+        self.path, self.controller, self.metrics = path, controller, metrics
+        if controller.desired_state is None:
+            controller.attach(DesiredState(path, applied, metrics))
+        self.state: DesiredState = controller.desired_state  # type: ignore[assignment]
+        self._rejected: str | None = None
+
+    @property
+    def applied(self) -> Config:
+        return self.state.config
 
     async def run(self, interval_s: float) -> None:
         while True:
@@ -37,17 +41,18 @@ class ConfigWatcher:
             self.check()
 
     def check(self) -> None:
-        digest = _digest(self.path)
-        if digest is None or digest == self._digest:
+        digest = file_digest(self.path)
+        if digest is None or digest in (self.state.digest, self._rejected):
             return
-        self._digest = digest
         try:
             config = load_config(self.path)
             self._apply(config)
         except (ConfigError, ShadowServeError) as exc:
+            self._rejected = digest  # reported once, not at every poll
             self.metrics.config_reloads.labels("rejected").inc()
             log.error("config edit rejected, the running config stays: %s", exc)
             return
+        self.state.follow(digest, config)
         self.metrics.config_reloads.labels("applied").inc()
 
     def _apply(self, config: Config) -> None:
@@ -69,4 +74,3 @@ class ConfigWatcher:
             if model.candidate is None and self.controller.pair(model.name).candidate is not None:
                 continue  # removing a candidate needs a restart too; its percentages stay as they are
             self.controller.apply_file(old, model)
-        self.applied = config

@@ -10,6 +10,7 @@ import time
 
 from server.compare import Comparison
 from server.config import GuardConfig, ModelPairConfig
+from server.desired_state import DesiredState, Persistence
 from server.dispatch import Dispatcher, ModelPair
 from server.errors import FailedPrecondition, InvalidRequest
 from server.metrics import ROLLBACK_REASONS
@@ -41,18 +42,40 @@ def _check_percent(name: str, value: float | None) -> None:
 
 
 class RolloutController:
-    """The one place percentages change; every change is logged, kept in history and reflected in metrics."""
+    """The one place percentages change; every change is logged, kept in history and reflected in metrics.
 
-    def __init__(self, dispatcher: Dispatcher) -> None:
+    With a `desired_state` (a config file), changes are written into the file and guard rollbacks
+    kept across restarts; without one (a gateway built from config data) they last while it runs.
+    """
+
+    def __init__(self, dispatcher: Dispatcher, desired_state: DesiredState | None = None) -> None:
         self.dispatcher = dispatcher
         self.history: collections.deque[Change] = collections.deque(maxlen=HISTORY_SIZE)
         self.last_rollback_reason: dict[str, str] = {}
+        self.desired_state: DesiredState | None = None
+        self.persistence: dict[str, Persistence] = {}  # what became of each model's latest change
         self._guards = {
             name: RollbackGuard(self, pair, pair.config.guard)
             for name, pair in dispatcher.pairs.items()
             if pair.config.guard is not None
         }
         dispatcher.comparison_listeners.append(self._on_outcome)
+        if desired_state is not None:
+            self.attach(desired_state)
+
+    def attach(self, desired_state: DesiredState) -> None:
+        """Follow a config file from now on, and restore the guard rollbacks it kept from before a restart."""
+        self.desired_state = desired_state
+        for model, reason in desired_state.rollbacks_in_force().items():
+            pair = self.dispatcher.pairs.get(model)
+            if pair is None or pair.candidate is None:
+                desired_state.forget_rollback(model)
+                continue
+            self.last_rollback_reason[model] = reason
+            log.warning("model %s: the guard rolled the candidate back before the restart (%s); it stays rolled back "
+                        "until the percentages are changed", model, reason)
+            self._apply(pair, pair.shadow_percent, 0.0, "guard", f"kept across a restart: {reason}", rolled_back=True,
+                        persist=False)
 
     def pair(self, model: str) -> ModelPair:
         return self.dispatcher.pair(model)
@@ -97,7 +120,8 @@ class RolloutController:
         self._apply(pair, pair.shadow_percent, 0.0, source, text, rolled_back=True)
         return pair
 
-    def _apply(self, pair: ModelPair, shadow: float, serve: float, source: str, reason: str, rolled_back: bool = False) -> None:
+    def _apply(self, pair: ModelPair, shadow: float, serve: float, source: str, reason: str, rolled_back: bool = False,
+               persist: bool = True) -> None:
         old = (pair.stage, pair.shadow_percent, pair.serve_percent)
         pair.set_percentages(shadow, serve, rolled_back=rolled_back)
         change = Change(time.time(), pair.name, source, old[0], pair.stage, old[1], shadow, old[2], serve, reason)
@@ -106,6 +130,13 @@ class RolloutController:
         if guard is not None:
             guard.restart()
         log.info(json.dumps({"event": "rollout_change", **dataclasses.asdict(change)}))
+        state = self.desired_state
+        if state is not None and persist and source != "file":  # a change read from the file is there already
+            self.persistence[pair.name] = state.persist(pair.name, shadow, serve)
+            if rolled_back and source == "guard":
+                state.record_rollback(pair.name, reason)
+            elif not rolled_back:  # a manual rollback on top keeps the guard's in force
+                state.forget_rollback(pair.name)
 
     def _on_outcome(self, pair: ModelPair, comparison: Comparison | None) -> None:
         guard = self._guards.get(pair.name)
@@ -114,9 +145,15 @@ class RolloutController:
 
     def apply_file(self, old: ModelPairConfig | None, new: ModelPairConfig) -> bool:
         """Apply the percentages a reloaded file sets, if the file changed them; True when applied."""
-        if old is not None and (old.shadow_percent, old.serve_percent) == (new.shadow_percent, new.serve_percent):
+        percentages = (new.shadow_percent, new.serve_percent)
+        if old is not None and (old.shadow_percent, old.serve_percent) == percentages:
             return False
-        self.set_percentages(new.name, new.shadow_percent, new.serve_percent, "file", "config file changed")
+        if self.desired_state is not None:
+            self.desired_state.file_changed(new.name, *percentages)
+        pair = self.pair(new.name)
+        if (pair.shadow_percent, pair.serve_percent) == percentages:
+            return False  # in force already: written by this gateway, or set here before the file caught up
+        self.set_percentages(new.name, *percentages, "file", "config file changed")
         return True
 
 
