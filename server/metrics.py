@@ -22,6 +22,8 @@ SKIP_REASONS = ("sampled_out", "saturated", "overloaded", "timeout", "error", "c
 SHADOWED_SKIP_REASONS = SKIP_REASONS[1:]  # a shadowed request not compared; sampled_out ones were never shadowed
 STAGES = ("off", "shadow", "canary", "cutover", "rolled_back")
 ROLLBACK_REASONS = ("manual", "mismatch_rate", "top1_agreement", "error_rate", "latency")
+# rate_limit and queue_full: never written; cap: deleted by rotation, or alone larger than the cap; error: write failed
+CAPTURE_DROP_REASONS = ("rate_limit", "queue_full", "cap", "error")
 FALLBACK_REASONS = ("not_ready", "timeout", "error", "circuit_open")
 RELOAD_RESULTS = ("applied", "rejected")
 
@@ -127,6 +129,14 @@ class Metrics:
             ["model", "reason"], registry=registry)
         self.config_reloads = counter(
             "shadowserve_config_reloads_total", "Config file reloads, by result.", ["result"], registry=registry)
+        self.capture_records = counter(
+            "shadowserve_capture_records_total", "Compared requests written to the capture folder.",
+            ["model"], registry=registry)
+        self.capture_dropped = counter(
+            "shadowserve_capture_dropped_total",
+            "Capture records dropped: rate_limit or queue_full before writing, cap when rotation deleted them "
+            "(or one alone exceeds max_bytes), error when writing failed.",
+            ["model", "reason"], registry=registry)
         self.rollout_info = gauge(
             "shadowserve_rollout_info", "1 for the stage and percentages this replica applies to a model pair "
             "(percentages as text like \"25\"); replicas disagree when a model shows more than one.",

@@ -89,8 +89,9 @@ def train_mxnet_classifier(prefix: Path, steps: int = 250, seed: int = 7) -> tup
     return Path(f"{prefix}-symbol.json"), Path(f"{prefix}-0000.params"), accuracy, weights
 
 
-def torch_port(weights: dict[str, np.ndarray], swap_rgb_bgr: bool = False):
-    """The PyTorch port of the classifier, loading the MXNet weights; optionally with the classic bug."""
+def torch_port(weights: dict[str, np.ndarray], swap_rgb_bgr: bool = False, softmax: bool = True):
+    """The PyTorch port of the classifier, loading the MXNet weights; optionally with classic bugs:
+    channels in the other order (RGB/BGR), or logits returned where the legacy returns probabilities."""
     import torch
     from torch import nn
 
@@ -101,13 +102,15 @@ def torch_port(weights: dict[str, np.ndarray], swap_rgb_bgr: bool = False):
             self.conv2 = nn.Conv2d(8, 16, 3, padding=1)
             self.classes = nn.Linear(16 * 8 * 8, NUM_CLASSES)
             self.swap_rgb_bgr = swap_rgb_bgr
+            self.softmax = softmax
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             if self.swap_rgb_bgr:
                 x = x.flip(1)
             x = nn.functional.max_pool2d(torch.relu(self.conv1(x)), 2)
             x = nn.functional.max_pool2d(torch.relu(self.conv2(x)), 2)
-            return torch.softmax(self.classes(x.flatten(1)), dim=-1)
+            logits = self.classes(x.flatten(1))
+            return torch.softmax(logits, dim=-1) if self.softmax else logits
 
     model = Classifier()
     model.load_state_dict({name: torch.from_numpy(value) for name, value in weights.items()})
@@ -133,3 +136,11 @@ def build_demo_models(workdir: Path) -> DemoModels:
         buggy_torch=save_torchscript(torch_port(weights, swap_rgb_bgr=True), workdir / "classifier_port_bgr.pt"),
         train_accuracy=accuracy,
     )
+
+
+def port_weights(torchscript: Path) -> dict[str, np.ndarray]:
+    """The classifier's weights, read back from a saved port."""
+    import torch
+
+    return {name: value.numpy() for name, value in torch.jit.load(str(torchscript)).state_dict().items()}
+
