@@ -25,10 +25,11 @@ def _reported(command: str) -> Callable:
         @functools.wraps(run)
         def checked(args: argparse.Namespace) -> int:
             from server.capture import CaptureError
+            from server.errors import ShadowServeError
 
             try:
                 return run(args)
-            except (InsightError, CaptureError) as exc:
+            except (InsightError, CaptureError, ShadowServeError) as exc:
                 print(f"shadowserve {command}: {exc}", file=sys.stderr)
                 return UNUSABLE
         return checked
@@ -61,11 +62,17 @@ def _capture(args: argparse.Namespace) -> int:
 
     if args.action == "ls":
         rows = list_rows(read_records(args.dir))
-        _print_json(rows) if args.json else print(format_list(rows) if rows else f"{args.dir}: no records")
+        if args.json:
+            _print_json(rows)
+        else:
+            print(format_list(rows) if rows else f"{args.dir}: no records")
         return 0
     record = find_record(args.dir, args.id)
     described = describe(record, record.load(), k=args.top_k, largest=args.largest)
-    _print_json(described) if args.json else print(format_record(described))
+    if args.json:
+        _print_json(described)
+    else:
+        print(format_record(described))
     return 0
 
 

@@ -39,6 +39,19 @@ class Ports:
 
 
 @pytest.fixture(scope="session")
+def nudged_port(ports, tmp_path_factory) -> Path:
+    """A port whose weights are off by 0.1%, as a different BatchNorm epsilon folds in: close, never bit-exact."""
+    rng = np.random.default_rng(0)
+    nudged = {name: (w * (1 + 1e-3 * rng.standard_normal(w.shape))).astype(np.float32) for name, w in ports.weights.items()}
+    return save_torchscript(torch_port(nudged), tmp_path_factory.mktemp("nudged") / "nudged.pt")
+
+
+def uncertain_images(count: int, seed: int) -> np.ndarray:
+    """Noise the classifier is unsure about: its scores sit far from 0 and 1, where small errors show."""
+    return np.random.default_rng(seed).normal(0, 0.6, size=(count, 3, 32, 32)).astype(np.float32)
+
+
+@pytest.fixture(scope="session")
 def ports(demo_models, tmp_path_factory) -> Ports:
     weights = port_weights(demo_models.faithful_torch)
     logits = save_torchscript(torch_port(weights, softmax=False), tmp_path_factory.mktemp("ports") / "logits.pt")
