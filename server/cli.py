@@ -36,10 +36,27 @@ def _demo(args: argparse.Namespace) -> int:
     return loop_load.run(run_demo(requests=args.requests, legacy=args.legacy, serve=args.serve, workdir=args.workdir))
 
 
+# The package each in-process runtime imports, and the extra that installs it.
+RUNTIME_PACKAGES = {"mxnet": ("mxnet", "mxnet"), "torch": ("torch", "torch"), "caffe": ("cv2", "caffe")}
+
+
 def _check_config(args: argparse.Namespace) -> int:
+    import importlib.util
+
     from server.config import load_config
 
-    config = load_config(args.file, check_files=not args.skip_files)
+    config = load_config(args.file, check_files=not args.skip_local)
+    missing = [] if args.skip_local else [
+        f"  models[{index}].{role}.runtime: {backend.runtime!r} is not installed here: "
+        f"pip install 'shadowserve[{RUNTIME_PACKAGES[backend.runtime][1]}]'"
+        for index, model in enumerate(config.models)
+        for role, backend in (("legacy", model.legacy), ("candidate", model.candidate))
+        if backend is not None and backend.runtime in RUNTIME_PACKAGES
+        and importlib.util.find_spec(RUNTIME_PACKAGES[backend.runtime][0]) is None
+        and not (backend.runtime == "caffe" and importlib.util.find_spec("caffe") is not None)
+    ]
+    if missing:
+        raise ConfigError(f"{args.file}: runtimes missing\n" + "\n".join(missing))
     print(f"{args.file}: valid")
     for model in config.models:
         candidate = model.candidate.runtime if model.candidate else "none"
@@ -109,10 +126,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--workdir", default=None, help="where model files go (default: a temporary folder)")
     demo.set_defaults(run=_demo)
 
-    check = commands.add_parser("check-config", help="validate a config file as `serve` would, then exit")
+    check = commands.add_parser(
+        "check-config", help="validate a config file as `serve` would (keys, model files, installed runtimes), then exit")
     check.add_argument("file", help="YAML config file")
-    check.add_argument("--skip-files", action="store_true",
-                       help="do not require the model files to exist (a config meant for another machine)")
+    check.add_argument("--skip-local", action="store_true",
+                       help="check keys and values only: the model files and runtimes are another machine's")
     check.set_defaults(run=_check_config)
 
     from server.ctl import add_parser as add_ctl

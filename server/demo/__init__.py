@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
+import socket
 import sys
 import tempfile
 import time
@@ -29,7 +32,7 @@ def demo_config(legacy: dict[str, Any], faithful: Path, buggy: Path, window: int
          "shadow_percent": 100, "window": window}
         for (name, _), path in zip(PAIRS, (faithful, buggy))
     ]
-    server = {"grpc_listen": "127.0.0.1:0", "metrics_listen": "127.0.0.1:0", "admin_listen": "127.0.0.1:0"}
+    server = {"grpc_listen": "127.0.0.1:0", "metrics_listen": "127.0.0.1:0", "admin_listen": _admin_listen()}
     return parse_config({"server": server, "models": models}, "demo defaults")
 
 
@@ -46,22 +49,45 @@ def _build(legacy: str, workdir: Path) -> tuple[dict[str, Any], Path, Path]:
     return spec, models.faithful_torch, models.buggy_torch
 
 
-class Progress:
-    """A one-line progress bar on stderr."""
+def _admin_listen() -> str:
+    """Where `ctl` looks first ($SHADOWSERVE_ADMIN, else its default) when that port is free, else any free port."""
+    wanted = os.environ.get("SHADOWSERVE_ADMIN", "127.0.0.1:8003")
+    host, _, port = wanted.rpartition(":")
+    if host in ("127.0.0.1", "localhost") and port.isdigit():
+        with socket.socket() as probe:
+            try:
+                probe.bind((host, int(port)))
+                return wanted
+            except OSError:
+                pass
+    return "127.0.0.1:0"
 
-    def __init__(self, total: int, label: str) -> None:
-        self.total, self.label, self.done, self._shown = total, label, 0, -1
+
+class Progress:
+    """Progress on stderr: a bar redrawn in place on a terminal; elsewhere (a log) one line per quarter."""
+
+    def __init__(self, total: int, label: str, stream=None) -> None:
+        self.stream = stream or sys.stderr
+        self.tty = self.stream.isatty()
+        self.total, self.label, self.done = total, label, 0
+        self._step = 1 if self.tty else 25
+        self._shown = -1 if self.tty else 0
 
     def advance(self) -> None:
         self.done += 1
         percent = self.done * 100 // self.total
-        if percent != self._shown:
-            self._shown = percent
+        shown = percent - percent % self._step
+        if shown == self._shown:
+            return
+        self._shown = shown
+        if self.tty:
             bar = "#" * (percent // 4)
-            sys.stderr.write(f"\r{self.label:<16} [{bar:<25}] {self.done}/{self.total}")
+            self.stream.write(f"\r{self.label:<16} [{bar:<25}] {self.done}/{self.total}")
             if self.done == self.total:
-                sys.stderr.write("\n")
-            sys.stderr.flush()
+                self.stream.write("\n")
+        else:
+            self.stream.write(f"{self.label}: {self.done}/{self.total} requests\n")
+        self.stream.flush()
 
 
 async def drive(url: str, model: str, requests: int, concurrency: int = 8, seed: int = 1) -> int:
@@ -136,6 +162,31 @@ async def _settle(gateway, timeout_s: float = 30.0) -> None:
 
 
 async def run_demo(requests: int = 2000, legacy: str = "mxnet", serve: bool = False, workdir: str | None = None) -> int:
+    """Build, serve, drive and summarise; with `serve`, keep serving until SIGINT or SIGTERM.
+
+    SIGTERM stops it like Ctrl-C: the gateway drains and the temporary folder is deleted.
+    """
+    task = asyncio.current_task()
+    loop = asyncio.get_running_loop()
+    terminated = False
+
+    def terminate() -> None:
+        nonlocal terminated
+        terminated = True
+        task.cancel()
+
+    loop.add_signal_handler(signal.SIGTERM, terminate)
+    try:
+        return await _run_demo(requests, legacy, serve, workdir)
+    except asyncio.CancelledError:
+        if not terminated:
+            raise
+        return 0
+    finally:
+        loop.remove_signal_handler(signal.SIGTERM)
+
+
+async def _run_demo(requests: int, legacy: str, serve: bool, workdir: str | None) -> int:
     from server.app import Gateway
 
     with tempfile.TemporaryDirectory(prefix="shadowserve-demo-") as temporary:
@@ -146,6 +197,8 @@ async def run_demo(requests: int = 2000, legacy: str = "mxnet", serve: bool = Fa
         await gateway.start()
         url = f"127.0.0.1:{gateway.grpc_port}"
         print(f"gateway on {url}, metrics on http://127.0.0.1:{gateway.metrics_port}/metrics")
+        print(f"admin on 127.0.0.1:{gateway.admin_port}; for `shadowserve ctl` in another shell:\n"
+              f"  export SHADOWSERVE_ADMIN=127.0.0.1:{gateway.admin_port}", flush=True)
         try:
             for name, _ in PAIRS:
                 await drive(url, name, requests)
@@ -154,7 +207,7 @@ async def run_demo(requests: int = 2000, legacy: str = "mxnet", serve: bool = Fa
             print()
             print(summary_table(pairs, gateway.registry))
             if serve:
-                print(f"\nserving until Ctrl-C: point a Triton client at {url}")
+                print(f"\nserving until Ctrl-C (or SIGTERM): point a Triton client at {url}", flush=True)
                 await asyncio.Event().wait()
         finally:
             await gateway.stop(grace_s=1.0)
