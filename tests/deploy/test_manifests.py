@@ -69,7 +69,7 @@ def test_every_embedded_config_passes_the_gateways_loader(rendered, tmp_path):
         for name, config in configs(objects).items():
             path = tmp_path / f"{overlay}-{name}.yaml"
             path.write_text(yaml.safe_dump(config))
-            result = shadowserve("check-config", "--skip-files", str(path))
+            result = shadowserve("check-config", "--skip-local", str(path))
             assert result.returncode == 0 and "valid" in result.stdout, (overlay, name, result.stderr)
 
 
@@ -78,7 +78,7 @@ def test_check_config_rejects_a_broken_configmap_naming_the_key(rendered, tmp_pa
     config["models"][0]["serve_percent"] = 150
     path = tmp_path / "broken.yaml"
     path.write_text(yaml.safe_dump(config))
-    result = shadowserve("check-config", "--skip-files", str(path))
+    result = shadowserve("check-config", "--skip-local", str(path))
     assert result.returncode == 2
     assert "models[0].serve_percent" in result.stderr
 
