@@ -180,7 +180,8 @@ class Capture:
         self._random = random.Random()
         self._sequence = itertools.count()
         self._lock = threading.Lock()
-        self._tokens, self._refilled = float(config.max_per_second), clock()
+        self._burst = max(1.0, config.max_per_second)  # below one a second, still one record at a time
+        self._tokens, self._refilled = self._burst, clock()
         self._records: collections.OrderedDict[str, int] = collections.OrderedDict()  # id -> bytes, oldest first
         self._index_bytes = self._index_lines = 0
         self._open_folder()
@@ -217,8 +218,8 @@ class Capture:
     def _take_token(self) -> bool:
         with self._lock:
             now = self._clock()
-            rate = self.config.max_per_second
-            self._tokens = min(rate, self._tokens + max(0.0, now - self._refilled) * rate)
+            refill = max(0.0, now - self._refilled) * self.config.max_per_second
+            self._tokens = min(self._burst, self._tokens + refill)
             self._refilled = now
             if self._tokens < 1:
                 return False

@@ -82,6 +82,10 @@ def score(pair: ModelPairConfig, legacy: Sequence[Tensors], candidate: Sequence[
                  float(np.nanmedian(worst)) if worst and not np.isnan(worst).all() else None)
 
 
+def _same_shape(legacy: Tensors, candidate: Tensors | None, name: str) -> bool:
+    return candidate is not None and name in legacy and name in candidate and legacy[name].shape == candidate[name].shape
+
+
 # -- hypotheses -------------------------------------------------------------------------------------
 
 def _channel_axis(array: np.ndarray) -> int | None:
@@ -190,7 +194,7 @@ def output_hypotheses(pair: ModelPairConfig, legacy: Sequence[Tensors], candidat
                 f"transpose the candidate's {name!r}", "output",
                 "the port returns this output transposed (classes first)",
                 _on(name, 1, lambda a: np.ascontiguousarray(a.T) if a.ndim == 2 else a)))
-        same = [(ref[name], new[name]) for ref, new in answered if ref[name].shape == new[name].shape]
+        same = [(ref[name], new[name]) for ref, new in answered if _same_shape(ref, new, name)]
         if output.class_scores and same:
             permutation = class_permutation(np.concatenate([ref for ref, _ in same]),
                                             np.concatenate([new for _, new in same]))
@@ -258,7 +262,7 @@ def depth_finding(pair: ModelPairConfig, legacy: Sequence[Tensors], candidate: S
     medians = []
     for output in pair.outputs:
         values = [rel_l2(ref[output.name], new[output.name]) for ref, new in zip(legacy, candidate)
-                  if new is not None and ref[output.name].shape == new[output.name].shape]
+                  if _same_shape(ref, new, output.name)]
         if not values:
             return None
         medians.append(float(np.nanmedian(values)))
@@ -316,7 +320,7 @@ def diagnose(pair: ModelPairConfig, legacy: Sequence[Tensors], baseline: Sequenc
     """Score every hypothesis against the captured legacy answers and name the one that explains the divergence.
 
     `baseline` holds the candidate's answers to the captured inputs; `input_trials` its answers with
-    each input transform applied (and the error when it failed on every record).
+    each input transform applied (none, and the error, when the candidate rejected the transformed input).
     """
     before = score(pair, legacy, baseline)
     records = len(legacy)
@@ -337,7 +341,7 @@ def diagnose(pair: ModelPairConfig, legacy: Sequence[Tensors], baseline: Sequenc
     else:
         helpful = [trial for trial in trials if trial.after is not None and _helps(before, trial.after)]
         worst = [max(rel_l2(ref[o.name], new[o.name]) for o in pair.outputs) for ref, new in zip(legacy, baseline)
-                 if new is not None and all(ref[o.name].shape == new[o.name].shape for o in pair.outputs)]
+                 if all(_same_shape(ref, new, o.name) for o in pair.outputs)]
         findings += [finding for finding in (spatial_finding(pair, legacy, baseline), depth_finding(pair, legacy, baseline),
                                              systematic_finding(before, worst)) if finding]
         if helpful:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import stat
 import subprocess
@@ -114,6 +113,19 @@ def test_matches_are_sampled_and_records_beyond_the_rate_are_dropped(answers, tm
     assert offer(sampled, answers, comparison=match)
     sampled.close()
     assert [record.verdict for record in read_records(tmp_path / "all")] == [MATCH]
+
+
+def test_a_rate_below_one_a_second_still_writes_one_at_a_time(answers, tmp_path):
+    now = [0.0]
+    writer = Capture(CaptureConfig(dir=tmp_path / "cap", max_per_second=0.5), "classifier", Metrics(CollectorRegistry()),
+                     clock=lambda: now[0])
+    assert [offer(writer, answers, 0), offer(writer, answers, 1)] == [True, False]
+    now[0] += 1.0
+    assert not offer(writer, answers, 2)
+    now[0] += 1.0
+    assert offer(writer, answers, 3)
+    writer.close()
+    assert [r.meta["request_id"] for r in read_records(tmp_path / "cap")] == ["r0", "r3"]
 
 
 def test_a_full_write_queue_is_a_counted_drop(answers, tmp_path):
