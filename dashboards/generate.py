@@ -26,8 +26,9 @@ SEL = FLEET + ',model=~"$model"'
 DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
 
 
-def target(expr: str, legend: str = "", ref: str = "A", instant: bool = False) -> dict[str, Any]:
-    result: dict[str, Any] = {"refId": ref, "datasource": DATASOURCE, "expr": expr, "legendFormat": legend or "__auto"}
+def target(expr: str, legend: str = "", instant: bool = False) -> dict[str, Any]:
+    """One query; `panel` names it A, B, C... in order."""
+    result: dict[str, Any] = {"datasource": DATASOURCE, "expr": expr, "legendFormat": legend or "__auto"}
     if instant:
         result.update(instant=True, range=False, format="table")
     return result
