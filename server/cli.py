@@ -36,24 +36,27 @@ def _demo(args: argparse.Namespace) -> int:
     return loop_load.run(run_demo(requests=args.requests, legacy=args.legacy, serve=args.serve, workdir=args.workdir))
 
 
-# The package each in-process runtime imports, and the extra that installs it.
-RUNTIME_PACKAGES = {"mxnet": ("mxnet", "mxnet"), "torch": ("torch", "torch"), "caffe": ("cv2", "caffe")}
+# In-process runtimes: the frameworks each can run on (any one will do); the extra of the same name installs them.
+RUNTIME_FRAMEWORKS = {"mxnet": ("mxnet",), "torch": ("torch",), "caffe": ("caffe", "cv2")}
+
+
+def _runtime_missing(runtime: str) -> bool:
+    import importlib.util
+
+    frameworks = RUNTIME_FRAMEWORKS.get(runtime, ())
+    return bool(frameworks) and all(importlib.util.find_spec(name) is None for name in frameworks)
 
 
 def _check_config(args: argparse.Namespace) -> int:
-    import importlib.util
-
     from server.config import load_config
 
     config = load_config(args.file, check_files=not args.skip_local)
     missing = [] if args.skip_local else [
         f"  models[{index}].{role}.runtime: {backend.runtime!r} is not installed here: "
-        f"pip install 'shadowserve[{RUNTIME_PACKAGES[backend.runtime][1]}]'"
+        f"pip install 'shadowserve[{backend.runtime}]'"
         for index, model in enumerate(config.models)
         for role, backend in (("legacy", model.legacy), ("candidate", model.candidate))
-        if backend is not None and backend.runtime in RUNTIME_PACKAGES
-        and importlib.util.find_spec(RUNTIME_PACKAGES[backend.runtime][0]) is None
-        and not (backend.runtime == "caffe" and importlib.util.find_spec("caffe") is not None)
+        if backend is not None and _runtime_missing(backend.runtime)
     ]
     if missing:
         raise ConfigError(f"{args.file}: runtimes missing\n" + "\n".join(missing))
