@@ -76,8 +76,10 @@ def image_venv(tmp_path_factory) -> Path:
     environment = root / "venv"
     venv.create(environment, with_pip=True, clear=True)
     extras = dockerfile_extras()
-    subprocess.run([environment / "bin" / "pip", "install", "-q",
-                    f"{source}[{extras}]"], check=True, timeout=600, capture_output=True, text=True)
+    # pip's own cache makes this take seconds after the first run; the image installs the same set.
+    installed = subprocess.run([environment / "bin" / "pip", "install", "-q", f"{source}[{extras}]"],
+                               timeout=600, capture_output=True, text=True)
+    assert installed.returncode == 0, installed.stderr[-3000:]
     return environment
 
 
