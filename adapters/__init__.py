@@ -36,3 +36,16 @@ def create_backend(
     config: "BackendConfig", inputs: Sequence["TensorConfig"], outputs: Sequence["TensorConfig"]
 ) -> "Backend":
     return backend_class(config.runtime)(config, inputs, outputs)  # type: ignore[attr-defined]
+
+
+IN_PROCESS_RUNTIMES = frozenset({"mxnet", "torch", "caffe"})
+
+
+def primary_candidate(
+    config: "BackendConfig", inputs: Sequence["TensorConfig"], outputs: Sequence["TensorConfig"]
+) -> "Backend | None":
+    """The candidate a primary calls itself when it serves from it: a Triton or remote one. An in-process
+    runtime never loads into a primary; only the shadow engine's runner holds it."""
+    if config.runtime in IN_PROCESS_RUNTIMES:
+        return None
+    return create_backend(config, inputs, outputs)

@@ -18,13 +18,17 @@ from server.rollout import RolloutController
 
 def pair_status(pair: ModelPair, last_rollback_reason: str = "", persistence: Persistence | None = None) -> pb.PairStatus:
     summary = pair.window.summary()
-    window = pb.WindowStats(samples=summary.samples)
+    window = pb.WindowStats(samples=summary.samples, compared=summary.compared)
     for field, value in (
         ("match_rate", summary.match_rate),
         ("top1_agreement", summary.top1_agreement),
         ("error_rate", summary.error_rate),
+        ("legacy_p50_seconds", summary.latency_p50["legacy"]),
         ("legacy_p99_seconds", summary.latency_p99["legacy"]),
+        ("candidate_p50_seconds", summary.latency_p50["candidate"]),
         ("candidate_p99_seconds", summary.latency_p99["candidate"]),
+        ("max_abs_p50", summary.max_abs_p50),
+        ("max_abs_p99", summary.max_abs_p99),
     ):
         if value is not None:
             setattr(window, field, value)

@@ -1,63 +1,91 @@
-"""The running gateway: config -> metrics -> dispatcher -> gRPC front and /metrics endpoint."""
+"""The running gateway: config -> metrics -> dispatcher -> gRPC front, /metrics, and its shadow engine."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import shutil
 import signal
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import grpc
-import numpy as np
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import CollectorRegistry, disable_created_metrics, start_http_server
 
-from server.admin import start_admin_server
 from server.config import Config, host_port
 from server.dispatch import Dispatcher
+from server.exposition import GatewayRegistry
 from server.grpc_front import start_grpc_server, update_health
+from server.handoff import HandoffWriter, SharedState
 from server.metrics import Metrics
-from server.reload import ConfigWatcher
-from server.rollout import RolloutController
+from server.supervisor import EngineProcess
 
 log = logging.getLogger("shadowserve")
 
 HEALTH_REFRESH_S = 1.0
+disable_created_metrics()  # nobody reads the `_created` series; every scrape would carry one per counter
+
+
+def new_shared_state(config: Config, workers: int = 1) -> SharedState:
+    percentages = [(model.shadow_percent, model.serve_percent) for model in config.models]
+    return SharedState.create(percentages, workers, config.server.engine.queue_bytes)
 
 
 class Gateway:
-    """One gateway process. `await start()`, then `await stop()`; ports are known after start."""
+    """One primary process. `await start()`, then `await stop()`; ports are known after start.
+
+    Alone, it starts its own shadow engine. As one of `--workers N`, it is given the shared state, its
+    ring and the engine's wake-up pipe by the process that runs the engine (`server/workers.py`).
+    """
 
     def __init__(self, config: Config, registry: CollectorRegistry | None = None, config_path: Path | None = None,
-                 routing: np.ndarray | None = None, serve_metrics: bool = True):
+                 shared: SharedState | None = None, worker: int = 0, wake_fd: int | None = None,
+                 serve_metrics: bool = True, log_level: str = "INFO"):
         self.config = config
-        self.registry = registry if registry is not None else CollectorRegistry()
-        self.metrics = Metrics(self.registry, enabled=config.server.metrics)
-        self.dispatcher = Dispatcher.from_config(config.models, config.server, self.metrics, routing)
+        own_registry = registry if registry is not None else CollectorRegistry()
+        self.metrics = Metrics(own_registry, enabled=config.server.metrics)
+        self.engine: EngineProcess | None = None
+        self._metrics_dir: str | None = None
+        if shared is None:
+            shared = new_shared_state(config)
+            self._metrics_dir = tempfile.mkdtemp(prefix="shadowserve-engine-metrics-")
+            self.engine = EngineProcess(config, config_path, shared, self.metrics, self._metrics_dir, log_level)
+            wake_fd = self.engine.wake_write
+            self.registry: CollectorRegistry = GatewayRegistry(own_registry, self._metrics_dir)
+        else:
+            self.registry = own_registry
+        self.shared = shared
+        assert wake_fd is not None
+        self.dispatcher = Dispatcher.from_config(config.models, config.server, self.metrics, shared.routes,
+                                                 HandoffWriter(shared.rings[worker], wake_fd))
         self.serve_metrics = serve_metrics
-        self.rollout = RolloutController(self.dispatcher)
-        self.watcher = ConfigWatcher(config_path, config, self.rollout, self.metrics) if config_path else None
-        self.grpc_port = self.metrics_port = self.admin_port = 0
+        self.grpc_port = self.metrics_port = 0
         self._servers: list[grpc.aio.Server] = []
         self._http: Any = None
         self._tasks: list[asyncio.Task] = []
 
+    @property
+    def admin_port(self) -> int:
+        return self.engine.admin_port if self.engine is not None else 0
+
     async def start(self) -> None:
         server = self.config.server
         await self.dispatcher.start()
+        if self.engine is not None:
+            await asyncio.to_thread(self.engine.start)
         front, self.grpc_port, health = await start_grpc_server(self.dispatcher, server.grpc_listen, server.max_message_bytes)
-        admin, self.admin_port = await start_admin_server(self.rollout, server.admin_listen, server.admin_allow_remote)
-        self._servers = [front, admin]
-        loop = asyncio.get_running_loop()
-        self._tasks.append(loop.create_task(self._refresh_health(health)))
-        if self.watcher is not None:
-            self._tasks.append(loop.create_task(self.watcher.run(server.config_poll_s)))
+        self._servers = [front]
+        self._tasks.append(asyncio.get_running_loop().create_task(self._refresh_health(health)))
         if self.serve_metrics:
             host, port = host_port(server.metrics_listen)
             self._http, _ = start_http_server(port, host, registry=self.registry)
             self.metrics_port = self._http.server_port
-        log.info("serving %s: gRPC port %d, metrics port %d, admin port %d",
-                 sorted(self.dispatcher.pairs), self.grpc_port, self.metrics_port, self.admin_port)
+        if self.engine is None:  # one of several workers: the process that runs the engine tells the rest
+            log.info("worker serving %s: gRPC port %d", sorted(self.dispatcher.pairs), self.grpc_port)
+        else:
+            log.info("serving %s: gRPC port %d, metrics port %d, admin port %d",
+                     sorted(self.dispatcher.pairs), self.grpc_port, self.metrics_port, self.admin_port)
 
     async def _refresh_health(self, health: Any) -> None:
         while True:
@@ -69,9 +97,13 @@ class Gateway:
             task.cancel()
         await asyncio.gather(*(server.stop(grace_s) for server in self._servers))
         await self.dispatcher.close()
+        if self.engine is not None:
+            await asyncio.to_thread(self.engine.stop)
         if self._http is not None:
             self._http.shutdown()
             self._http.server_close()
+        if self._metrics_dir is not None:
+            shutil.rmtree(self._metrics_dir, ignore_errors=True)
 
     async def serve_forever(self) -> None:
         """Run until SIGINT/SIGTERM, then drain in-flight requests."""

@@ -36,6 +36,11 @@ class CircuitBreaker:
         self._probing = True
         return True
 
+    @property
+    def paused(self) -> bool:
+        """Open and still inside its pause: callers that cannot take the one probe should not call."""
+        return self.is_open and self._clock() < self._probe_at
+
     def succeeded(self) -> None:
         self.failures = 0
         self._probing = False
@@ -48,7 +53,7 @@ class CircuitBreaker:
         config = self.config
         if config is None:
             return
-        if self._probing:
+        if self._probing or (self.is_open and self._clock() >= self._probe_at):  # a failed probe
             self._probing = False
             self._pause_s = min(self._pause_s * 2, config.max_open_s)
             self._probe_at = self._clock() + self._pause_s

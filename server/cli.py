@@ -21,11 +21,11 @@ def _serve(args: argparse.Namespace) -> int:
     if workers > 1:
         from server.workers import run_workers
 
-        return run_workers(config, Path(args.config), workers)
+        return run_workers(config, Path(args.config), workers, args.log_level)
     from server import loop_load
     from server.app import Gateway
 
-    loop_load.run(Gateway(config, config_path=Path(args.config)).serve_forever())
+    loop_load.run(Gateway(config, config_path=Path(args.config), log_level=args.log_level).serve_forever())
     return 0
 
 
@@ -108,7 +108,7 @@ def configure_logging(level: str = "INFO", log_format: str | None = None) -> Non
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from server.metrics import build_version
+    from server import build_version
 
     parser = argparse.ArgumentParser(prog="shadowserve", description=__doc__)
     parser.add_argument("--version", action="version", version=f"shadowserve {build_version()}")

@@ -258,6 +258,23 @@ class ComparisonConfig(Strict):
         "on the comparison thread")
 
 
+class EngineConfig(Strict):
+    """The shadow engine: the separate process that runs candidate calls, comparisons and rollout control."""
+
+    nice: int = Field(10, ge=0, le=19, description="CPU niceness added to the engine, so primaries win the cores")
+    memory_limit_bytes: int | None = Field(
+        None, ge=256 * 1024 * 1024, description="address-space limit (RLIMIT_AS) of the engine and of in-process "
+        "candidate runners; null: none")
+    queue_bytes: int = Field(
+        64 * 1024 * 1024, ge=1024 * 1024, description="shared-memory hand-off queue per primary worker; a hand-off "
+        "that does not fit is skipped and counted as saturated")
+    restart_backoff_s: float = Field(0.5, gt=0, description="first pause before a dead engine is restarted; doubles "
+                                     "up to 30 s while it keeps dying")
+    hang_s: float = Field(10.0, gt=0, description="an engine whose heartbeat is older than this is killed and restarted")
+    start_timeout_s: float = Field(120.0, gt=0, description="how long start-up waits for the engine before serving "
+                                   "without it")
+
+
 class ServerConfig(Strict):
     grpc_listen: ListenAddress = "0.0.0.0:8001"
     metrics_listen: ListenAddress = "0.0.0.0:8002"
@@ -282,6 +299,7 @@ class ServerConfig(Strict):
         None, description="where guard rollbacks are kept across restarts; relative to the config file; default: "
         ".shadowserve-state next to the config file where its folder is writable, else $TMPDIR/shadowserve-state")
     comparison: ComparisonConfig = ComparisonConfig()
+    engine: EngineConfig = EngineConfig()
     backend_retry_s: float = Field(
         1.0, gt=0, description="first pause before a backend that failed to load is tried again; doubles up to 30 s")
 

@@ -332,19 +332,20 @@ def _parameter_text(parameter: pb.InferParameter) -> str:
 def pair_parameters(pair: ModelPair) -> dict[str, str]:
     """What really runs behind a pair, as ModelConfig parameters operators can read."""
     params = {f"legacy_{key}": value for key, value in pair.legacy.describe().items()}
-    if pair.candidate is not None:
-        params.update({f"candidate_{key}": value for key, value in pair.candidate.describe().items()})
+    candidate = pair.candidate_facts()
+    if candidate is not None:
+        params.update({f"candidate_{key}": value for key, value in candidate.items()})
     params.update(stage=pair.stage, shadow_percent=f"{pair.shadow_percent:g}", serve_percent=f"{pair.serve_percent:g}")
     return params
 
 
 def describe_pair(pair: ModelPair) -> str:
-    def side(backend) -> str:
-        facts = backend.describe()
+    def side(facts: dict[str, str]) -> str:
         return "/".join([facts.get("runtime", "?"), *(v for k, v in facts.items() if k == "executor")])
 
-    text = f"legacy={side(pair.legacy)}"
-    return text + (f", candidate={side(pair.candidate)}" if pair.candidate is not None else "")
+    candidate = pair.candidate_facts()
+    text = f"legacy={side(pair.legacy.describe())}"
+    return text + (f", candidate={side(candidate)}" if candidate is not None else "")
 
 
 async def start_grpc_server(

@@ -12,6 +12,7 @@ from typing import Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from server import build_version
 from server.compare import MATCH, MEASURES, MISMATCH, SHAPE_MISMATCH, Comparison
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0)
@@ -26,16 +27,6 @@ ROLLBACK_REASONS = ("manual", "mismatch_rate", "top1_agreement", "error_rate", "
 CAPTURE_DROP_REASONS = ("rate_limit", "queue_full", "cap", "error")
 FALLBACK_REASONS = ("not_ready", "timeout", "error", "circuit_open")
 RELOAD_RESULTS = ("applied", "rejected")
-
-
-def build_version() -> str:
-    """The installed shadowserve version ("unknown" when run from a tree that was never installed)."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("shadowserve")
-    except PackageNotFoundError:
-        return "unknown"
 
 
 class _Unrecorded:
@@ -65,7 +56,6 @@ def _move_info(family: Gauge, old: tuple[str, ...] | None, new: tuple[str, ...])
         if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):  # those files cannot drop a series
             family.remove(*old)
     family.labels(*new).set(1)
-
 
 
 class Metrics:
@@ -129,14 +119,6 @@ class Metrics:
             ["model", "reason"], registry=registry)
         self.config_reloads = counter(
             "shadowserve_config_reloads_total", "Config file reloads, by result.", ["result"], registry=registry)
-        self.capture_records = counter(
-            "shadowserve_capture_records_total", "Compared requests written to the capture folder.",
-            ["model"], registry=registry)
-        self.capture_dropped = counter(
-            "shadowserve_capture_dropped_total",
-            "Capture records dropped: rate_limit or queue_full before writing, cap when rotation deleted them "
-            "(or one alone exceeds max_bytes), error when writing failed.",
-            ["model", "reason"], registry=registry)
         self.rollout_info = gauge(
             "shadowserve_rollout_info", "1 for the stage and percentages this replica applies to a model pair "
             "(percentages as text like \"25\"); replicas disagree when a model shows more than one.",
@@ -145,12 +127,31 @@ class Metrics:
             "shadowserve_config_info", "1 for the config file content this replica applied: sha256 prefix, 12 hex digits.",
             ["digest"], registry=registry, multiprocess_mode="mostrecent")
         self._config_digest: tuple[str, ...] | None = None
+        self.capture_records = counter(
+            "shadowserve_capture_records_total", "Compared requests written to the capture folder.",
+            ["model"], registry=registry)
+        self.capture_dropped = counter(
+            "shadowserve_capture_dropped_total",
+            "Capture records dropped: rate_limit or queue_full before writing, cap when rotation deleted them "
+            "(or one alone exceeds max_bytes), error when writing failed.",
+            ["model", "reason"], registry=registry)
         for result in RELOAD_RESULTS:  # at zero from the start, so increase() sees the first one
             self.config_reloads.labels(result)
         self.build_info = gauge(
             "shadowserve_build_info", "Always 1; the labels say which build and Python this gateway runs.",
             ["version", "python"], registry=registry, multiprocess_mode="max")
         self.build_info.labels(build_version(), platform.python_version()).set(1)
+        self.engine_restarts = counter(
+            "shadowserve_engine_restarts_total", "Restarts of the shadow engine process after it died or hung.",
+            registry=registry)
+        self.engine_up = gauge(
+            "shadowserve_engine_up", "1 while the shadow engine process runs and answers its heartbeat.",
+            registry=registry, multiprocess_mode="max")
+        self.runner_restarts = counter(
+            "shadowserve_candidate_runner_restarts_total",
+            "Restarts of an in-process candidate's runner process, by reason: deadline (an inference ran past its "
+            "deadline and was killed), exit (it died: a crash, or its memory limit).",
+            ["model", "reason"], registry=registry)
 
     def config_applied(self, digest: str) -> None:
         """The gateway now follows the config file whose content has this sha256 (hex)."""

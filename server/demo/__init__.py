@@ -12,11 +12,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+import grpc
 import numpy as np
 
 from server.config import Config, parse_config
-from server.dispatch import ModelPair
-from server.metrics import SHADOWED_SKIP_REASONS
+from server.metrics import SHADOWED_SKIP_REASONS, VERDICTS
 
 PAIRS = (("classifier", "faithful PyTorch port"), ("classifier_bgr", "PyTorch port with RGB/BGR swapped"))
 
@@ -132,20 +132,25 @@ def _skipped(registry, model: str) -> float:
                for reason in SHADOWED_SKIP_REASONS)
 
 
-def summary_table(pairs: list[ModelPair], registry) -> str:
+def summary_table(pairs, registry) -> str:
+    """One row per pair, from the admin service's `PairStatus` messages and the gateway's metrics."""
     header = ("model", "candidate", "compared", "skipped", "match", "top-1 agree", "max|d| p50", "max|d| p99",
               "legacy p50/p99 ms", "candidate p50/p99 ms")
     rows = [header]
     descriptions = dict(PAIRS)
+
+    def value(window, field: str) -> float | None:
+        return getattr(window, field) if window.HasField(field) else None
+
     for pair in pairs:
-        s = pair.window.summary()
+        w = pair.window
         rows.append((
-            pair.name, descriptions.get(pair.name, ""), str(s.compared), str(int(_skipped(registry, pair.name))),
-            _rate(s.match_rate), _rate(s.top1_agreement),
-            f"{s.max_abs_p50:.1e}" if s.max_abs_p50 is not None else "-",
-            f"{s.max_abs_p99:.1e}" if s.max_abs_p99 is not None else "-",
-            f"{_ms(s.latency_p50['legacy'])} / {_ms(s.latency_p99['legacy'])}",
-            f"{_ms(s.latency_p50['candidate'])} / {_ms(s.latency_p99['candidate'])}",
+            pair.model, descriptions.get(pair.model, ""), str(w.compared), str(int(_skipped(registry, pair.model))),
+            _rate(value(w, "match_rate")), _rate(value(w, "top1_agreement")),
+            f"{w.max_abs_p50:.1e}" if w.HasField("max_abs_p50") else "-",
+            f"{w.max_abs_p99:.1e}" if w.HasField("max_abs_p99") else "-",
+            f"{_ms(value(w, 'legacy_p50_seconds'))} / {_ms(value(w, 'legacy_p99_seconds'))}",
+            f"{_ms(value(w, 'candidate_p50_seconds'))} / {_ms(value(w, 'candidate_p99_seconds'))}",
         ))
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)) for row in rows]
@@ -153,12 +158,25 @@ def summary_table(pairs: list[ModelPair], registry) -> str:
     return "\n".join(lines)
 
 
-async def _settle(gateway, timeout_s: float = 30.0) -> None:
-    """Wait until the shadow work of the driven requests is done (it runs after the replies)."""
-    dispatcher = gateway.dispatcher
+def _accounted(registry, model: str) -> float:
+    """Shadowed requests of `model` the engine is done with: compared, or skipped for a reason."""
+    compared = sum(registry.get_sample_value("shadowserve_comparisons_total", {"model": model, "verdict": verdict}) or 0
+                   for verdict in VERDICTS)
+    return compared + _skipped(registry, model)
+
+
+async def _settle(gateway, requests: int, timeout_s: float = 60.0) -> None:
+    """Wait until the shadow work of the driven requests is done (it runs after the replies, in the engine)."""
     deadline = time.monotonic() + timeout_s
-    while (dispatcher.shadow_in_flight or dispatcher.comparisons.queued) and time.monotonic() < deadline:
+    while time.monotonic() < deadline and any(_accounted(gateway.registry, name) < requests for name, _ in PAIRS):
         await asyncio.sleep(0.05)
+
+
+async def admin_status(gateway) -> list:
+    from protos import admin_pb2, admin_pb2_grpc
+
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{gateway.admin_port}") as channel:
+        return list((await admin_pb2_grpc.ShadowAdminStub(channel).Status(admin_pb2.StatusRequest(), timeout=10)).pairs)
 
 
 async def run_demo(requests: int = 2000, legacy: str = "mxnet", serve: bool = False, workdir: str | None = None) -> int:
@@ -202,10 +220,9 @@ async def _run_demo(requests: int, legacy: str, serve: bool, workdir: str | None
         try:
             for name, _ in PAIRS:
                 await drive(url, name, requests)
-            await _settle(gateway)
-            pairs = list(gateway.dispatcher.pairs.values())
+            await _settle(gateway, requests)
             print()
-            print(summary_table(pairs, gateway.registry))
+            print(summary_table(await admin_status(gateway), gateway.registry))
             if serve:
                 print(f"\nserving until Ctrl-C (or SIGTERM): point a Triton client at {url}", flush=True)
                 await asyncio.Event().wait()

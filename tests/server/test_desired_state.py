@@ -6,33 +6,22 @@ driven by tritonclient and by `shadowserve ctl`; backends are real gRPC model se
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import hashlib
 import json
-import os
 import re
 import shlex
-import signal
-import subprocess
-import sys
-import urllib.request
 from pathlib import Path
-from typing import Any, Awaitable, Callable
 
-import numpy as np
 import pytest
-import tritonclient.grpc.aio as triton_aio
 import yaml
 
 from server.config import parse_config
 from server.desired_state import DesiredState, EditError, edit_percentages, read_only_reason, write_atomically
+from tests.support.gateway import GatewayProcess, eventually
 from tests.support.kserve import Behaviour, scale_by
 
-X = np.array([[1.0, 2.0]], np.float32)
-LEGACY = (X * 2).tobytes()
 AGREEING = 2.000001  # the candidate's factor: tells the sides apart, still within tolerance
-SERVING = re.compile(r"serving .*: gRPC port (\d+), metrics port (\d+), admin port (\d+)")
 
 CONFIG = """\
 # one model pair, shared by every replica
@@ -57,82 +46,6 @@ def config_text(legacy_url: str, candidate_url: str, serve: int = 0) -> str:
     """The config with `serve` as a correct edit writes it: the number replaced, the comment in its column."""
     text = CONFIG.replace("LEGACY_URL", legacy_url).replace("CANDIDATE_URL", candidate_url)
     return re.sub(r"serve_percent: \d+ +#", lambda m: f"serve_percent: {serve}".ljust(len(m.group(0)) - 1) + "#", text)
-
-
-async def eventually(check: Callable[[], Awaitable[bool]], timeout_s: float = 30.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout_s
-    while not await check():
-        assert asyncio.get_running_loop().time() < deadline, "condition not met in time"
-        await asyncio.sleep(0.05)
-
-
-class GatewayProcess:
-    """`shadowserve serve` in a process of its own; ports read back from its start-up log line."""
-
-    def __init__(self, config: Path, env: dict[str, str] | None = None) -> None:
-        self.config, self.env = config, env
-        self.output: list[str] = []
-        self.process: asyncio.subprocess.Process | None = None
-        self._drain: asyncio.Task | None = None
-
-    async def start(self) -> None:
-        env = {key: value for key, value in os.environ.items() if key != "PROMETHEUS_MULTIPROC_DIR"}
-        self.output = []
-        self.process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "server.cli", "serve", "--config", str(self.config),
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, env={**env, **(self.env or {})})
-        while True:
-            line = (await asyncio.wait_for(self.process.stdout.readline(), 120)).decode()
-            assert line, "gateway exited:\n" + "".join(self.output)
-            self.output.append(line)
-            if match := SERVING.search(line):
-                self.grpc_port, self.metrics_port, self.admin_port = map(int, match.groups())
-                break
-        self._drain = asyncio.get_running_loop().create_task(self._read_rest())
-        async with self.client() as client:
-            await eventually(lambda: client.is_model_ready("m"))
-
-    async def _read_rest(self) -> None:
-        while line := await self.process.stdout.readline():
-            self.output.append(line.decode())
-
-    async def stop(self) -> None:
-        if self.process is not None and self.process.returncode is None:
-            self.process.send_signal(signal.SIGTERM)
-            await asyncio.wait_for(self.process.wait(), 30)
-            await self._drain
-
-    def client(self) -> triton_aio.InferenceServerClient:
-        return triton_aio.InferenceServerClient(f"127.0.0.1:{self.grpc_port}")
-
-    async def sides(self, keys: list[str]) -> list[str]:
-        """Which side answered each key: "legacy" or "candidate"."""
-        async with self.client() as client:
-            answers = []
-            for key in keys:
-                tensor = triton_aio.InferInput("x", [1, 2], "FP32")
-                tensor.set_data_from_numpy(X)
-                result = await client.infer("m", [tensor], parameters={"routing_key": key})
-                answers.append("legacy" if result.as_numpy("y").tobytes() == LEGACY else "candidate")
-            return answers
-
-    async def ctl(self, *args: str) -> str:
-        command = [sys.executable, "-m", "server.cli", "ctl", "--admin", f"127.0.0.1:{self.admin_port}", *args]
-        result = await asyncio.to_thread(subprocess.run, command, capture_output=True, text=True, timeout=60)
-        assert result.returncode == 0, result.stdout + result.stderr
-        return result.stdout
-
-    async def ctl_json(self, *args: str) -> dict[str, Any]:
-        return json.loads(await self.ctl("-o", "json", *args))
-
-    async def pair(self) -> dict[str, Any]:
-        return (await self.ctl_json("status", "m"))["pairs"][0]
-
-    async def metrics(self) -> str:
-        def scrape() -> str:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=10) as reply:
-                return reply.read().decode()
-        return await asyncio.to_thread(scrape)
 
 
 def info_series(metrics: str, name: str) -> list[str]:

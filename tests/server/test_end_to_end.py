@@ -153,7 +153,7 @@ async def test_metadata_config_readiness_and_statistics(demo_models):
             assert "legacy=mxnet" in metadata.platform and "candidate=torch" in metadata.platform
             config = (await client.get_model_config("classifier")).config
             assert config.parameters["legacy_runtime"].string_value == "mxnet"
-            assert config.parameters["candidate_format"].string_value == "torchscript"
+            assert config.parameters["candidate_runtime"].string_value == "torch"  # loaded in the shadow engine
             assert config.parameters["stage"].string_value == "shadow"
             tensor = triton_aio.InferInput("image", [1, 3, 32, 32], "FP32")
             tensor.set_data_from_numpy(np.zeros((1, 3, 32, 32), np.float32))

@@ -46,6 +46,11 @@ async def ask(client, key: str | None = None) -> str:
     return "legacy" if result.as_numpy("y").tobytes() == LEGACY else "candidate"
 
 
+async def admin_status(gateway, include_history: bool = False) -> pb.StatusResponse:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{gateway.admin_port}") as channel:
+        return await admin_pb2_grpc.ShadowAdminStub(channel).Status(pb.StatusRequest(include_history=include_history))
+
+
 def admin_stub(gateway):
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{gateway.admin_port}")
     return channel, admin_pb2_grpc.ShadowAdminStub(channel)
@@ -198,7 +203,7 @@ async def test_guard_rolls_back_a_candidate_that_starts_disagreeing(backends):
                            > mismatches_before)  # shadowing continues
         assert sample(gateway.registry, "shadowserve_rollbacks_total", model="m", reason="mismatch_rate") == 1
         assert sample(gateway.registry, "shadowserve_stage", model="m", stage="rolled_back") == 1
-        change = gateway.rollout.history[-1]
+        change = (await admin_status(gateway, include_history=True)).history[-1]
         assert change.source == "guard" and change.new_stage == "rolled_back" and change.reason.startswith("mismatch_rate: ")
 
 
@@ -245,7 +250,13 @@ async def test_guard_rolls_back_a_failing_candidate_and_canary_falls_back(backen
             assert await ask(client) == "candidate"
             await wait_for(lambda: sample(gateway.registry, "shadowserve_comparisons_total", model="m", verdict="match") == 1)
             candidate.fail_with = grpc.StatusCode.INTERNAL
-            answers = [await ask(client) for _ in range(15)]
+            answers = []
+            for _ in range(15):
+                canary = gateway.dispatcher.pairs["m"].serve_percent > 0
+                answers.append(await ask(client))
+                if canary:  # let the engine take this outcome in before the next request
+                    samples = len(answers) + 1
+                    await wait_for(lambda: engine_samples(gateway) == samples)
         assert answers == ["legacy"] * 15  # every failure during canary answered by the legacy
         # 5 failures open the candidate's circuit: the next 4 skip the candidate and count as its
         # failures, so 1 success + 9 failures still reach min_samples=10 and roll back there; the last
@@ -255,6 +266,12 @@ async def test_guard_rolls_back_a_failing_candidate_and_canary_falls_back(backen
         assert sample(gateway.registry, "shadowserve_backend_errors_total", model="m", role="candidate", code="INTERNAL") == 5
         assert sample(gateway.registry, "shadowserve_rollbacks_total", model="m", reason="error_rate") == 1
         assert gateway.dispatcher.pairs["m"].stage == "rolled_back"
+
+
+def engine_samples(gateway) -> int:
+    """Outcomes the engine has taken in: its window's sample count, read over the admin service."""
+    with grpc.insecure_channel(f"127.0.0.1:{gateway.admin_port}") as channel:
+        return admin_pb2_grpc.ShadowAdminStub(channel).Status(pb.StatusRequest(), timeout=10).pairs[0].window.samples
 
 
 async def test_promote_walks_the_stages_and_admin_errors_are_clear(backends):

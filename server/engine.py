@@ -1,0 +1,345 @@
+"""The shadow engine: the one process of a gateway that does shadow work and holds the control plane.
+
+Primaries hand it requests through shared memory (`server/handoff.py`) and never wait for it. It calls
+the candidate for shadowed requests, compares the answers, keeps the recent window, the circuit
+breaker and the guard, and owns the admin service, the rollout controller and the config watcher:
+the one place percentages change, written to the routing table that every primary reads. It runs at
+a lower CPU priority than the primaries; when it dies, the gateway restarts it and keeps serving.
+
+Run by `server/supervisor.py` as `python -m server.engine`, with its start-up spec on stdin.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import json
+import logging
+import math
+import os
+import resource
+import signal
+import sys
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from adapters.base import Backend
+from server.breaker import CircuitBreaker
+from server.compare import Comparison
+from server.config import Config, EngineConfig, ModelPairConfig, parse_config
+from server.errors import BackendTimeout, ShadowServeError
+from server.handoff import SERVED, SERVED_FAILED, SHADOW_CALL, Handoff, Route, SharedState
+from server.loading import Loader
+from server.metrics import Metrics, ModelMetrics
+from server.outcomes import ComparisonQueue
+from server.window import RecentWindow
+
+log = logging.getLogger("shadowserve.engine")
+
+TICK_S = 0.05  # heartbeat, circuit state published to primaries, rings drained even without a wake-up
+PR_SET_PDEATHSIG = 1
+DRAIN_BATCH = 256  # records taken from the rings before yielding to other work
+Outputs = dict[str, np.ndarray]
+
+
+class ShadowPair:
+    """A model pair as the engine sees it: its candidate, breaker, window and routing row."""
+
+    def __init__(self, config: ModelPairConfig, candidate: Backend | None, metrics: ModelMetrics, route: Route,
+                 capture=None) -> None:
+        self.config = config
+        self.name = config.name
+        self.candidate = candidate
+        self.metrics = metrics
+        self.route = route
+        self.window = RecentWindow(config.window)
+        self.output_names = tuple(tensor.name for tensor in config.outputs)
+        self.class_score_outputs = frozenset(t.name for t in config.outputs if t.class_scores)
+        self.breaker = CircuitBreaker(config.circuit_breaker, self._circuit_changed)
+        self.capture = capture
+        self.metrics.stage(self.stage, self.shadow_percent, self.serve_percent)
+
+    def _circuit_changed(self, is_open: bool) -> None:
+        self.metrics.circuit_open.set(1 if is_open else 0)
+        self.route.set_circuit_open(self.breaker.paused)
+        if is_open:
+            log.warning("model %s: candidate failed %d times in a row; circuit open, candidate calls paused",
+                        self.name, self.breaker.failures)
+        else:
+            log.info("model %s: candidate answered a probe call; circuit closed", self.name)
+
+    @property
+    def shadow_percent(self) -> float:
+        return self.route.shadow_percent
+
+    @property
+    def serve_percent(self) -> float:
+        return self.route.serve_percent
+
+    @property
+    def stage(self) -> str:
+        return self.route.stage
+
+    def set_percentages(self, shadow_percent: float, serve_percent: float, rolled_back: bool = False) -> None:
+        self.route.set(shadow_percent, serve_percent, rolled_back)
+        self.metrics.stage(self.stage, shadow_percent, serve_percent)
+
+
+class Engine:
+    """Shadow calls, comparisons and verdicts for every primary of one gateway."""
+
+    def __init__(self, config: Config, shared: SharedState, metrics: Metrics, config_path: Path | None = None) -> None:
+        from adapters import create_backend
+
+        self.config = config
+        self.shared = shared
+        self.metrics = metrics
+        server = config.server
+        self.max_shadow_in_flight = server.max_shadow_in_flight
+        self.compare_outputs = server.compare
+        self.shadow_in_flight = 0
+        self.by_index: list[ShadowPair] = []
+        for model, route in zip(config.models, shared.routes):
+            candidate = create_backend(model.candidate, model.inputs, model.outputs) if model.candidate else None
+            outputs = [tensor.name for tensor in model.outputs]
+            scores = [tensor.name for tensor in model.outputs if tensor.class_scores]
+            capture = None
+            if model.capture is not None:
+                from server.capture import Capture
+
+                capture = Capture(model.capture, model.name, metrics)
+            self.by_index.append(ShadowPair(model, candidate, metrics.for_model(model.name, outputs, scores), route, capture))
+        self.pairs: dict[str, ShadowPair] = {pair.name: pair for pair in self.by_index}
+        self.comparisons = ComparisonQueue(server.comparison, server.max_comparisons_queued, self._record)
+        self.comparison_listeners: list[Callable[[ShadowPair, Comparison | None], None]] = []
+        self.loader = Loader(server.backend_retry_s)
+        self._tasks: set[asyncio.Task] = set()
+
+        from server.reload import ConfigWatcher
+        from server.rollout import RolloutController
+
+        self.rollout = RolloutController(self)
+        self.watcher = ConfigWatcher(config_path, config, self.rollout, metrics) if config_path else None
+        self.admin_port = 0
+        self._admin = None
+
+    def pair(self, name: str) -> ShadowPair:
+        from server.errors import ModelNotFound
+
+        try:
+            return self.pairs[name]
+        except KeyError:
+            raise ModelNotFound(f"unknown model {name!r}; this gateway serves {sorted(self.pairs)}") from None
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    async def start(self, wake_fd: int | None = None) -> None:
+        from server.admin import start_admin_server
+
+        server = self.config.server
+        self._admin, self.admin_port = await start_admin_server(self.rollout, server.admin_listen, server.admin_allow_remote)
+        await asyncio.gather(*(self.loader.load(pair.name, "candidate", pair.candidate, required=False)
+                               for pair in self.by_index if pair.candidate is not None))
+        loop = asyncio.get_running_loop()
+        if wake_fd is not None:
+            os.set_blocking(wake_fd, False)
+            loop.add_reader(wake_fd, self._woken, wake_fd)
+        self._spawn(self._tick())
+        if self.watcher is not None:
+            self._spawn(self.watcher.run(server.config_poll_s))
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.loader.close()
+        self.comparisons.close()
+        if self._admin is not None:
+            await self._admin.stop(0.5)
+        for pair in self.by_index:
+            if pair.candidate is not None:
+                await pair.candidate.close()
+            if pair.capture is not None:
+                pair.capture.close()
+
+    def _spawn(self, coroutine) -> asyncio.Task:
+        task = asyncio.get_running_loop().create_task(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def _tick(self) -> None:
+        while True:
+            self.shared.beat()
+            for pair in self.by_index:
+                pair.route.set_circuit_open(pair.breaker.paused)
+            self.drain()
+            await asyncio.sleep(TICK_S)
+
+    def _woken(self, wake_fd: int) -> None:
+        try:
+            while os.read(wake_fd, 65536):
+                pass
+        except BlockingIOError:
+            pass
+        self.drain()
+
+    def drain(self) -> None:
+        """Take what every primary handed over; hand-offs of one model are processed in their order."""
+        for ring in self.shared.rings:
+            for record in ring.drain(DRAIN_BATCH):
+                try:
+                    self.take(record)
+                except Exception:  # one malformed record must not stop the engine
+                    log.exception("hand-off record could not be processed")
+
+    # -- hand-offs -------------------------------------------------------------------------
+
+    def take(self, record: Handoff) -> None:
+        pair = self.by_index[record.model]
+        if not math.isnan(record.legacy_s):
+            pair.window.latency("legacy", record.legacy_s)
+        if record.kind == SHADOW_CALL:
+            self._start_shadow(pair, record)
+        elif record.kind == SERVED:
+            pair.breaker.succeeded()
+            pair.window.latency("candidate", record.candidate_s)
+            self._schedule_comparison(pair, record.legacy, record.candidate, record, served=True)
+        elif record.kind == SERVED_FAILED:
+            if record.reason != "circuit_open":
+                pair.breaker.failed()
+            if not math.isnan(record.candidate_s):
+                pair.window.latency("candidate", record.candidate_s)
+            self._candidate_failed(pair)
+
+    def _start_shadow(self, pair: ShadowPair, record: Handoff) -> None:
+        candidate = pair.candidate
+        if candidate is None:
+            return
+        if not candidate.ready:
+            pair.metrics.skipped["error"].inc()
+        elif self.shadow_in_flight >= self.max_shadow_in_flight:
+            pair.metrics.skipped["saturated"].inc()
+        elif not pair.breaker.allow():
+            pair.metrics.skipped["circuit_open"].inc()
+            self._candidate_failed(pair)
+        else:
+            self.shadow_in_flight += 1
+            pair.metrics.in_flight.inc()
+            self._spawn(self._shadow(pair, candidate, record))
+
+    async def _shadow(self, pair: ShadowPair, candidate: Backend, record: Handoff) -> None:
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        try:
+            outputs = await candidate.infer(record.inputs, candidate.config.timeout_s)
+        except Exception as exc:
+            failure = exc if isinstance(exc, ShadowServeError) else None
+            if failure is None:
+                log.exception("model %s: candidate backend raised", pair.name)
+            code = failure.code.name if failure is not None else "INTERNAL"
+            pair.metrics.backend_error("candidate", code)
+            pair.metrics.skipped["timeout" if isinstance(exc, BackendTimeout) else "error"].inc()
+            pair.breaker.failed()
+            self._candidate_failed(pair)
+            return
+        finally:
+            elapsed = loop.time() - start
+            pair.metrics.latency["candidate"].observe(elapsed)
+            pair.window.latency("candidate", elapsed)
+            self.shadow_in_flight -= 1
+            pair.metrics.in_flight.dec()
+        pair.breaker.succeeded()
+        self._schedule_comparison(pair, record.legacy, outputs, record, served=False)
+
+    # -- verdicts --------------------------------------------------------------------------
+
+    def _schedule_comparison(self, pair: ShadowPair, legacy: Outputs, candidate: Outputs, record: Handoff,
+                             served: bool) -> None:
+        """`served`: the client got the candidate's answer, so the guard must judge it without delay."""
+        if self.compare_outputs and not self.comparisons.submit(pair, legacy, candidate, (record, candidate),
+                                                                urgent=served or pair.serve_percent > 0):
+            pair.metrics.skipped["saturated"].inc()
+
+    def _record(self, pair: ShadowPair, comparison: Comparison, context: tuple[Handoff, Outputs]) -> None:
+        pair.metrics.comparison(comparison)
+        pair.window.compared(comparison)
+        if comparison.detail:
+            log.debug("model %s: %s", pair.name, comparison.detail)
+        if pair.capture is not None:
+            record, candidate = context
+            pair.capture.offer(inputs=record.inputs, legacy=record.legacy, candidate=candidate, comparison=comparison,
+                               stage=pair.stage, request_id=record.request_id, routing_key=None,
+                               time_unix=record.time_unix)
+        self._notify(pair, comparison)
+
+    def _candidate_failed(self, pair: ShadowPair) -> None:
+        pair.window.candidate_failed()
+        self._notify(pair, None)
+
+    def _notify(self, pair: ShadowPair, comparison: Comparison | None) -> None:
+        for listener in self.comparison_listeners:
+            listener(pair, comparison)
+
+
+# -- the process --------------------------------------------------------------------------
+
+
+def _watch_parent(parent_pid: int, stop: asyncio.Event) -> None:
+    """The engine lives only as long as the gateway that started it."""
+    if os.getppid() != parent_pid:
+        stop.set()
+        return
+    asyncio.get_running_loop().call_later(0.5, _watch_parent, parent_pid, stop)
+
+
+async def serve(spec: dict) -> None:
+    from prometheus_client import CollectorRegistry
+
+    config_path = Path(spec["config_path"]) if spec.get("config_path") else None
+    config = parse_config(spec["config"], str(config_path or "engine spec"))
+    state = spec["shared"]
+    shared = SharedState(state["fd"], state["models"], state["rings"], state["ring_bytes"])
+    engine = Engine(config, shared, Metrics(CollectorRegistry(), enabled=config.server.metrics), config_path)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    _watch_parent(spec["parent_pid"], stop)
+    await engine.start(spec["wake_fd"])
+    shared.beat()
+    with os.fdopen(spec["status_fd"], "w") as status:
+        status.write(json.dumps({"event": "ready", "admin_port": engine.admin_port}) + "\n")
+    try:
+        await stop.wait()
+    finally:
+        await engine.close()
+
+
+def _yield_to_primaries(settings: EngineConfig) -> None:
+    """Lower priority and bounded memory for this process and what it starts; gone when the gateway goes."""
+    os.nice(settings.nice)
+    if settings.memory_limit_bytes is not None:
+        resource.setrlimit(resource.RLIMIT_AS, (settings.memory_limit_bytes, settings.memory_limit_bytes))
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def main() -> None:
+    from setproctitle import setproctitle
+
+    from server import loop_load
+
+    setproctitle("shadowserve: shadow engine")
+    spec = json.loads(sys.stdin.read())
+    _yield_to_primaries(EngineConfig.model_validate(spec["config"].get("server", {}).get("engine", {})))
+    from server.cli import configure_logging
+
+    configure_logging(spec.get("log_level", "INFO"))  # text or JSON, as the gateway that started it
+    loop_load.run(serve(spec))
+
+
+if __name__ == "__main__":
+    main()
