@@ -42,10 +42,14 @@ IN_PROCESS_RUNTIMES = frozenset({"mxnet", "torch", "caffe"})
 
 
 def primary_candidate(
-    config: "BackendConfig", inputs: Sequence["TensorConfig"], outputs: Sequence["TensorConfig"]
-) -> "Backend | None":
-    """The candidate a primary calls itself when it serves from it: a Triton or remote one. An in-process
-    runtime never loads into a primary; only the shadow engine's runner holds it."""
-    if config.runtime in IN_PROCESS_RUNTIMES:
-        return None
-    return create_backend(config, inputs, outputs)
+    config: "BackendConfig", inputs: Sequence["TensorConfig"], outputs: Sequence["TensorConfig"], model: str,
+    engine_address: str,
+) -> "Backend":
+    """The candidate a primary calls when it serves from it. A Triton or remote one is called directly; an
+    in-process runtime never loads into a primary: the shadow engine runs it and serves it at `engine_address`."""
+    if config.runtime not in IN_PROCESS_RUNTIMES:
+        return create_backend(config, inputs, outputs)
+    from server.config import RemoteConfig
+
+    through_engine = RemoteConfig(runtime="remote", url=engine_address, model=model, timeout_s=config.timeout_s)
+    return create_backend(through_engine, inputs, outputs)

@@ -58,7 +58,7 @@ class Gateway:
         self.shared = shared
         assert wake_fd is not None
         self.dispatcher = Dispatcher.from_config(config.models, config.server, self.metrics, shared.routes,
-                                                 HandoffWriter(shared.rings[worker], wake_fd))
+                                                 HandoffWriter(shared.rings[worker], wake_fd), shared.engine_address)
         self.serve_metrics = serve_metrics
         self.grpc_port = self.metrics_port = 0
         self._servers: list[grpc.aio.Server] = []
@@ -71,9 +71,9 @@ class Gateway:
 
     async def start(self) -> None:
         server = self.config.server
-        await self.dispatcher.start()
         if self.engine is not None:
             await asyncio.to_thread(self.engine.start)
+        await self.dispatcher.start()
         front, self.grpc_port, health = await start_grpc_server(self.dispatcher, server.grpc_listen, server.max_message_bytes)
         self._servers = [front]
         self._tasks.append(asyncio.get_running_loop().create_task(self._refresh_health(health)))

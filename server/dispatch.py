@@ -52,7 +52,7 @@ class ModelPair:
         self.config = config
         self.name = config.name
         self.legacy = legacy
-        self.candidate = candidate  # None: no candidate, or one only the engine can call
+        self.candidate = candidate  # an in-process one is reached through the shadow engine
         self.has_candidate = config.candidate is not None
         self.metrics = metrics
         self.route = route
@@ -76,10 +76,14 @@ class ModelPair:
         return self.legacy.ready
 
     def candidate_facts(self) -> dict[str, str] | None:
-        """What operators may read about the candidate; an in-process one runs in the engine, known by its config."""
-        if self.candidate is not None:
-            return self.candidate.describe()
-        return {"runtime": self.config.candidate.runtime} if self.config.candidate is not None else None
+        """What operators may read about the candidate (an in-process one runs in the engine: its runtime)."""
+        from adapters import IN_PROCESS_RUNTIMES
+
+        if self.config.candidate is None:
+            return None
+        if self.config.candidate.runtime in IN_PROCESS_RUNTIMES:
+            return {"runtime": self.config.candidate.runtime}
+        return self.candidate.describe() if self.candidate is not None else None
 
 
 class Dispatcher:
@@ -96,13 +100,15 @@ class Dispatcher:
 
     @classmethod
     def from_config(cls, models: Iterable[ModelPairConfig], server: ServerConfig, metrics: Metrics,
-                    routes: list[Route], handoff: HandoffWriter | None) -> "Dispatcher":
+                    routes: list[Route], handoff: HandoffWriter | None, engine_address: str = "") -> "Dispatcher":
         from adapters import create_backend, primary_candidate
 
         pairs = []
         for index, (config, route) in enumerate(zip(models, routes)):
             legacy = create_backend(config.legacy, config.inputs, config.outputs)
-            candidate = primary_candidate(config.candidate, config.inputs, config.outputs) if config.candidate else None
+            candidate = None
+            if config.candidate is not None:
+                candidate = primary_candidate(config.candidate, config.inputs, config.outputs, config.name, engine_address)
             outputs = [tensor.name for tensor in config.outputs]
             scores = [tensor.name for tensor in config.outputs if tensor.class_scores]
             pairs.append(ModelPair(index, config, legacy, candidate, metrics.for_model(config.name, outputs, scores), route))

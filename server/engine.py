@@ -23,13 +23,17 @@ import sys
 from pathlib import Path
 from typing import Callable
 
+import grpc
 import numpy as np
+from tritonclient.grpc import service_pb2 as pb
+from tritonclient.grpc import service_pb2_grpc
 
-from adapters.base import Backend
+from adapters.base import Backend, InProcessBackend
 from server.breaker import CircuitBreaker
 from server.compare import Comparison
 from server.config import Config, EngineConfig, ModelPairConfig, parse_config
-from server.errors import BackendTimeout, ShadowServeError
+from server.codec import decode_inputs, encode_response
+from server.errors import BackendTimeout, ModelNotReady, ShadowServeError
 from server.handoff import SERVED, SERVED_FAILED, SHADOW_CALL, Handoff, Route, SharedState
 from server.loading import Loader
 from server.metrics import Metrics, ModelMetrics
@@ -40,6 +44,7 @@ log = logging.getLogger("shadowserve.engine")
 
 TICK_S = 0.05  # heartbeat, circuit state published to primaries, rings drained even without a wake-up
 PR_SET_PDEATHSIG = 1
+EXIT_STUCK_CANDIDATE = 70
 DRAIN_BATCH = 256  # records taken from the rings before yielding to other work
 Outputs = dict[str, np.ndarray]
 
@@ -123,7 +128,7 @@ class Engine:
         self.rollout = RolloutController(self)
         self.watcher = ConfigWatcher(config_path, config, self.rollout, metrics) if config_path else None
         self.admin_port = 0
-        self._admin = None
+        self._admin = self._candidates = None
 
     def pair(self, name: str) -> ShadowPair:
         from server.errors import ModelNotFound
@@ -140,6 +145,7 @@ class Engine:
 
         server = self.config.server
         self._admin, self.admin_port = await start_admin_server(self.rollout, server.admin_listen, server.admin_allow_remote)
+        self._candidates = await start_candidate_service(self, self.shared.engine_address, server.max_message_bytes)
         await asyncio.gather(*(self.loader.load(pair.name, "candidate", pair.candidate, required=False)
                                for pair in self.by_index if pair.candidate is not None))
         loop = asyncio.get_running_loop()
@@ -156,8 +162,9 @@ class Engine:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.loader.close()
         self.comparisons.close()
-        if self._admin is not None:
-            await self._admin.stop(0.5)
+        for grpc_server in (self._admin, self._candidates):
+            if grpc_server is not None:
+                await grpc_server.stop(0.5)
         for pair in self.by_index:
             if pair.candidate is not None:
                 await pair.candidate.close()
@@ -230,11 +237,25 @@ class Engine:
             pair.metrics.in_flight.inc()
             self._spawn(self._shadow(pair, candidate, record))
 
+    async def call_candidate(self, pair: ShadowPair, inputs: Outputs, timeout_s: float) -> Outputs:
+        """One inference of `pair`'s candidate. An in-process one that overruns its deadline cannot be stopped:
+        the engine exits right after answering, so the supervisor restarts it without the stuck thread."""
+        assert pair.candidate is not None
+        try:
+            return await pair.candidate.infer(inputs, timeout_s)
+        except BackendTimeout:
+            if isinstance(pair.candidate, InProcessBackend):
+                self.metrics.candidate_killed.labels(pair.name).inc()
+                log.error("model %s: in-process candidate ran past its %gs deadline; restarting the shadow engine to "
+                          "stop it", pair.name, timeout_s)
+                asyncio.get_running_loop().call_later(0.1, os._exit, EXIT_STUCK_CANDIDATE)
+            raise
+
     async def _shadow(self, pair: ShadowPair, candidate: Backend, record: Handoff) -> None:
         loop = asyncio.get_running_loop()
         start = loop.time()
         try:
-            outputs = await candidate.infer(record.inputs, candidate.config.timeout_s)
+            outputs = await self.call_candidate(pair, record.inputs, candidate.config.timeout_s)
         except Exception as exc:
             failure = exc if isinstance(exc, ShadowServeError) else None
             if failure is None:
@@ -282,6 +303,37 @@ class Engine:
     def _notify(self, pair: ShadowPair, comparison: Comparison | None) -> None:
         for listener in self.comparison_listeners:
             listener(pair, comparison)
+
+
+class CandidateService(service_pb2_grpc.GRPCInferenceServiceServicer):
+    """In-process candidates served to the primaries of this gateway, for the requests they answer from them."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    async def ModelReady(self, request, context):
+        pair = self.engine.pairs.get(request.name)
+        return pb.ModelReadyResponse(ready=bool(pair and pair.candidate and pair.candidate.ready))
+
+    async def ModelInfer(self, request, context):
+        pair = self.engine.pair(request.model_name)
+        if pair.candidate is None or not pair.candidate.ready:
+            raise ModelNotReady(f"model {pair.name!r}: the candidate is not loaded in the shadow engine")
+        inputs = decode_inputs(request, {tensor.name: tensor for tensor in pair.config.inputs})
+        timeout_s = context.time_remaining() or pair.candidate.config.timeout_s
+        outputs = await self.engine.call_candidate(pair, inputs, timeout_s)
+        return encode_response(pair.name, "", request, outputs)
+
+
+async def start_candidate_service(engine: Engine, address: str, max_message_bytes: int) -> grpc.aio.Server:
+    from server.grpc_front import StatusInterceptor
+
+    server = grpc.aio.server(interceptors=[StatusInterceptor()], options=[
+        ("grpc.max_receive_message_length", max_message_bytes), ("grpc.max_send_message_length", max_message_bytes)])
+    service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(CandidateService(engine), server)
+    server.add_insecure_port(address)
+    await server.start()
+    return server
 
 
 # -- the process --------------------------------------------------------------------------

@@ -265,6 +265,11 @@ class SharedState:
     def heartbeat(self) -> float:
         return float(self._heartbeat[0])
 
+    @property
+    def engine_address(self) -> str:
+        """Where the engine serves in-process candidates to primaries: a socket named after this shared file."""
+        return f"unix-abstract:shadowserve-candidates-{os.fstat(self.fd).st_ino}"
+
     def describe(self) -> dict[str, int]:
         """What the engine process needs to map the same file (its descriptor is passed along)."""
         return {"fd": self.fd, "models": self.models, "rings": self.ring_count, "ring_bytes": self.ring_bytes}

@@ -147,11 +147,10 @@ class Metrics:
         self.engine_up = gauge(
             "shadowserve_engine_up", "1 while the shadow engine process runs and answers its heartbeat.",
             registry=registry, multiprocess_mode="max")
-        self.runner_restarts = counter(
-            "shadowserve_candidate_runner_restarts_total",
-            "Restarts of an in-process candidate's runner process, by reason: deadline (an inference ran past its "
-            "deadline and was killed), exit (it died: a crash, or its memory limit).",
-            ["model", "reason"], registry=registry)
+        self.candidate_killed = counter(
+            "shadowserve_candidate_killed_total",
+            "In-process candidate inferences that ran past their deadline: the shadow engine running them is killed "
+            "with them and restarted, since a thread cannot be stopped.", ["model"], registry=registry)
 
     def config_applied(self, digest: str) -> None:
         """The gateway now follows the config file whose content has this sha256 (hex)."""

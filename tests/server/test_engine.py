@@ -1,0 +1,132 @@
+"""The shadow engine as its own process: killed, hung or crashing, it never costs a client an answer."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+
+import numpy as np
+import pytest
+import torch
+import tritonclient.grpc.aio as triton_aio
+
+from tests.conftest import running_gateway, sample
+from tests.server.test_end_to_end import wait_for
+from tests.support.kserve import Behaviour, scale_by
+
+TENSORS = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [-1, 2]}],
+           "outputs": [{"name": "y", "datatype": "FP32", "shape": [-1, 2]}]}
+X = np.array([[1.0, 2.0]], np.float32)
+LEGACY = (X * 2).tobytes()
+
+
+class Scale(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * 2.000001
+
+
+class Spin(torch.nn.Module):
+    """Answers after a long busy loop: far past any deadline the tests give it."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        total = torch.zeros(1)
+        i = 0
+        while i < 2_000_000_000:
+            total = total + 1.0
+            i += 1
+        return x * 2 + total * 0
+
+
+def torchscript(module: torch.nn.Module, path) -> str:
+    torch.jit.save(torch.jit.script(module), str(path))
+    return str(path)
+
+
+def pair(legacy_url: str, candidate: dict, **extra) -> dict:
+    return {"name": "m", **TENSORS, "legacy": {"runtime": "remote", "url": legacy_url, "model": "m", "timeout_s": 5},
+            "candidate": candidate, **extra}
+
+
+async def ask(client) -> bytes:
+    tensor = triton_aio.InferInput("x", [1, 2], "FP32")
+    tensor.set_data_from_numpy(X)
+    return (await client.infer("m", [tensor])).as_numpy("y").tobytes()
+
+
+class Load:
+    """Clients sending requests until stopped; every answer and failure is kept."""
+
+    def __init__(self, client, clients: int = 4) -> None:
+        self.answers: list[bytes] = []
+        self.failures: list[BaseException] = []
+        self._stop = asyncio.Event()
+        self._tasks = [asyncio.get_running_loop().create_task(self._run(client)) for _ in range(clients)]
+
+    async def _run(self, client) -> None:
+        while not self._stop.is_set():
+            try:
+                self.answers.append(await ask(client))
+            except Exception as exc:
+                self.failures.append(exc)
+
+    async def stop(self) -> None:
+        self._stop.set()
+        await asyncio.gather(*self._tasks)
+
+
+@pytest.fixture
+async def legacy_url(model_server):
+    url, _ = await model_server(Behaviour(scale_by(2.0)))
+    return url
+
+
+async def test_killing_the_engine_under_load_costs_no_answer_and_comparisons_resume(legacy_url, model_server):
+    candidate_url, _ = await model_server(Behaviour(scale_by(2.0)))
+    config = {"server": {"engine": {"restart_backoff_s": 0.2}},
+              "models": [pair(legacy_url, {"runtime": "remote", "url": candidate_url, "model": "m"}, shadow_percent=100)]}
+    async with running_gateway(config) as gateway:
+        registry = gateway.registry
+        matches = lambda: sample(registry, "shadowserve_comparisons_total", model="m", verdict="match")  # noqa: E731
+        async with triton_aio.InferenceServerClient(f"127.0.0.1:{gateway.grpc_port}") as client:
+            load = Load(client)
+            await wait_for(lambda: matches() >= 20, timeout_s=30)
+            first_engine = gateway.engine.pid
+            os.kill(first_engine, signal.SIGKILL)
+            await wait_for(lambda: gateway.engine.pid != first_engine and sample(registry, "shadowserve_engine_up") == 1,
+                           timeout_s=60)
+            resumed_from = matches()
+            await wait_for(lambda: matches() > resumed_from + 20, timeout_s=60)  # the new engine compares again
+            await load.stop()
+        assert not load.failures, load.failures[:3]
+        assert len(load.answers) > 40 and set(load.answers) == {LEGACY}  # every answer the legacy's, bytes equal
+        assert sample(registry, "shadowserve_engine_restarts_total") == 1
+
+
+async def test_canary_with_an_in_process_candidate_is_served_through_the_engine(legacy_url, tmp_path):
+    candidate = {"runtime": "torch", "path": torchscript(Scale(), tmp_path / "scale.pt")}
+    async with running_gateway({"models": [pair(legacy_url, candidate, shadow_percent=100, serve_percent=100)]}) as gateway:
+        async with triton_aio.InferenceServerClient(f"127.0.0.1:{gateway.grpc_port}") as client:
+            await wait_for(lambda: gateway.dispatcher.pairs["m"].candidate.ready, timeout_s=30)
+            answers = {await ask(client) for _ in range(5)}
+        assert answers == {(X * 2.000001).astype(np.float32).tobytes()}
+        registry = gateway.registry
+        assert sample(registry, "shadowserve_requests_total", model="m", code="OK", served_by="candidate") == 5
+        await wait_for(lambda: sample(registry, "shadowserve_comparisons_total", model="m", verdict="match") == 5)
+
+
+async def test_an_in_process_candidate_stuck_past_its_deadline_is_killed_with_its_engine(legacy_url, tmp_path):
+    candidate = {"runtime": "torch", "path": torchscript(Spin(), tmp_path / "spin.pt"), "timeout_s": 0.3}
+    config = {"server": {"engine": {"restart_backoff_s": 0.2, "hang_s": 3}},
+              "models": [pair(legacy_url, candidate, shadow_percent=100)]}
+    async with running_gateway(config) as gateway:
+        registry = gateway.registry
+        first_engine = gateway.engine.pid
+        async with triton_aio.InferenceServerClient(f"127.0.0.1:{gateway.grpc_port}") as client:
+            load = Load(client, clients=2)
+            await wait_for(lambda: sample(registry, "shadowserve_engine_restarts_total") >= 1, timeout_s=60)
+            await load.stop()
+        assert not load.failures, load.failures[:3]
+        assert load.answers and set(load.answers) == {LEGACY}
+        assert sample(registry, "shadowserve_candidate_killed_total", model="m") >= 1
+        assert gateway.engine.pid != first_engine
