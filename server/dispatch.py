@@ -20,7 +20,7 @@ import numpy as np
 from adapters.base import Backend
 from server.config import ModelPairConfig, ServerConfig, TensorConfig
 from server.errors import BackendError, BackendTimeout, ModelNotFound, ModelNotReady, ShadowServeError
-from server.handoff import SERVED, SERVED_FAILED, SHADOW_CALL, HandoffWriter, Route
+from server.handoff import SERVED, SERVED_FAILED, SHADOW_CALL, HandoffWriter, Route, Routed
 from server.loading import Loader
 from server.loop_load import LoopLoad
 from server.metrics import Metrics, ModelMetrics
@@ -43,7 +43,7 @@ def routing_bucket(key: str | None) -> int:
     return int.from_bytes(digest, "big") % ROUTING_BUCKETS
 
 
-class ModelPair:
+class ModelPair(Routed):
     """A configured pair in a primary: its legacy backend, the candidate it may serve from, its routing row."""
 
     def __init__(self, index: int, config: ModelPairConfig, legacy: Backend, candidate: Backend | None,
@@ -58,18 +58,6 @@ class ModelPair:
         self.route = route
         self.inputs: dict[str, TensorConfig] = {tensor.name: tensor for tensor in config.inputs}
         self.output_names = tuple(tensor.name for tensor in config.outputs)
-
-    @property
-    def shadow_percent(self) -> float:
-        return self.route.shadow_percent
-
-    @property
-    def serve_percent(self) -> float:
-        return self.route.serve_percent
-
-    @property
-    def stage(self) -> str:
-        return self.route.stage
 
     @property
     def ready(self) -> bool:

@@ -12,7 +12,6 @@ Run by `server/supervisor.py` as `python -m server.engine`, with its start-up sp
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import json
 import logging
 import math
@@ -34,22 +33,22 @@ from server.compare import Comparison
 from server.config import Config, EngineConfig, ModelPairConfig, parse_config
 from server.codec import decode_inputs, encode_response
 from server.errors import BackendTimeout, ModelNotReady, ShadowServeError
-from server.handoff import SERVED, SERVED_FAILED, SHADOW_CALL, Handoff, Route, SharedState
+from server.handoff import SERVED, SERVED_FAILED, SHADOW_CALL, Handoff, Route, Routed, SharedState
 from server.loading import Loader
 from server.metrics import Metrics, ModelMetrics
 from server.outcomes import ComparisonQueue
+from server.supervisor import die_with_parent
 from server.window import RecentWindow
 
 log = logging.getLogger("shadowserve.engine")
 
 TICK_S = 0.05  # heartbeat, circuit state published to primaries, rings drained even without a wake-up
-PR_SET_PDEATHSIG = 1
 EXIT_STUCK_CANDIDATE = 70
 DRAIN_BATCH = 256  # records taken from the rings before yielding to other work
 Outputs = dict[str, np.ndarray]
 
 
-class ShadowPair:
+class ShadowPair(Routed):
     """A model pair as the engine sees it: its candidate, breaker, window and routing row."""
 
     def __init__(self, config: ModelPairConfig, candidate: Backend | None, metrics: ModelMetrics, route: Route,
@@ -74,18 +73,6 @@ class ShadowPair:
                         self.name, self.breaker.failures)
         else:
             log.info("model %s: candidate answered a probe call; circuit closed", self.name)
-
-    @property
-    def shadow_percent(self) -> float:
-        return self.route.shadow_percent
-
-    @property
-    def serve_percent(self) -> float:
-        return self.route.serve_percent
-
-    @property
-    def stage(self) -> str:
-        return self.route.stage
 
     def set_percentages(self, shadow_percent: float, serve_percent: float, rolled_back: bool = False) -> None:
         self.route.set(shadow_percent, serve_percent, rolled_back)
@@ -351,7 +338,8 @@ async def serve(spec: dict) -> None:
     from prometheus_client import CollectorRegistry
 
     config_path = Path(spec["config_path"]) if spec.get("config_path") else None
-    config = parse_config(spec["config"], str(config_path or "engine spec"))
+    # The gateway validated it; model files it loaded may be gone by now and the engine needs no legacy's.
+    config = parse_config(spec["config"], str(config_path or "engine spec"), check_files=False)
     state = spec["shared"]
     shared = SharedState(state["fd"], state["models"], state["rings"], state["ring_bytes"])
     engine = Engine(config, shared, Metrics(CollectorRegistry(), enabled=config.server.metrics), config_path)
@@ -375,8 +363,7 @@ def _yield_to_primaries(settings: EngineConfig) -> None:
     os.nice(settings.nice)
     if settings.memory_limit_bytes is not None:
         resource.setrlimit(resource.RLIMIT_AS, (settings.memory_limit_bytes, settings.memory_limit_bytes))
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    die_with_parent()
 
 
 def main() -> None:

@@ -229,6 +229,24 @@ class Route:
         self.row[CIRCUIT_OPEN] = float(is_open)
 
 
+class Routed:
+    """A model pair whose stage and percentages are its row of the routing table."""
+
+    route: Route
+
+    @property
+    def shadow_percent(self) -> float:
+        return self.route.shadow_percent
+
+    @property
+    def serve_percent(self) -> float:
+        return self.route.serve_percent
+
+    @property
+    def stage(self) -> str:
+        return self.route.stage
+
+
 class SharedState:
     """The shared file: routing table, heartbeat and one ring per primary worker."""
 

@@ -28,6 +28,14 @@ STABLE_S = 30.0  # an engine that ran this long before dying restarts after the 
 STOP_GRACE_S = 5.0
 
 
+def die_with_parent(signum: int = signal.SIGKILL) -> None:
+    """Ask the kernel to send `signum` to this process when its parent dies: no orphans after a kill -9."""
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signum)
+
+
 class EngineProcess:
     """The gateway's shadow engine: one child process, kept running for as long as the gateway is."""
 

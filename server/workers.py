@@ -25,7 +25,9 @@ log = logging.getLogger("shadowserve.workers")
 def _worker(index: int, config: Config, shared, wake_fd: int) -> None:
     from server import loop_load
     from server.app import Gateway
+    from server.supervisor import die_with_parent
 
+    die_with_parent(signal.SIGTERM)  # drains like any SIGTERM
     gateway = Gateway(config, shared=shared, worker=index, wake_fd=wake_fd, serve_metrics=False)
     loop_load.run(gateway.serve_forever())
 

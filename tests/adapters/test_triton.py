@@ -234,13 +234,16 @@ async def test_unreachable_triton_serves_legacy_until_a_retry_connects(demo_mode
             failures = [r.getMessage() for r in caplog.records if "candidate backend" in r.getMessage()]
             assert len(failures) >= 2 and all("failed to connect" in message for message in failures), failures
 
-            await relay.open()  # Triton is reachable from now on: the next background retry loads it
-            await wait_for(lambda: pair.candidate.ready, 10.0, "the candidate loaded by the retry")
-            assert (await ask_gateway(gateway, batches[2:]))[0].tobytes() == expected[2].tobytes()
-            await wait_for(lambda: sample(registry, "shadowserve_comparisons_total", model=MODEL, verdict="match") == 1,
-                           what="a matching comparison")
-            assert sample(registry, "shadowserve_shadow_skipped_total", model=MODEL, reason="error") == 2
-            assert sample(registry, "shadowserve_backend_latency_seconds_count", model=MODEL, role="candidate") == 1
+            await relay.open()  # Triton is reachable from now on: the next background retries load it
+            await wait_for(lambda: pair.candidate.ready, 60.0, "the candidate loaded by the retry")
+            # The shadow engine retries on its own schedule: shadow requests until one is compared.
+            deadline = asyncio.get_running_loop().time() + 60
+            while sample(registry, "shadowserve_comparisons_total", model=MODEL, verdict="match") == 0:
+                assert asyncio.get_running_loop().time() < deadline, "no comparison once Triton was reachable"
+                assert (await ask_gateway(gateway, batches[2:]))[0].tobytes() == expected[2].tobytes()
+                await asyncio.sleep(0.2)
+            assert sample(registry, "shadowserve_shadow_skipped_total", model=MODEL, reason="error") >= 2
+            assert sample(registry, "shadowserve_backend_latency_seconds_count", model=MODEL, role="candidate") >= 1
     finally:
         await relay.close()
 
