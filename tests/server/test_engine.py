@@ -130,3 +130,21 @@ async def test_an_in_process_candidate_stuck_past_its_deadline_is_killed_with_it
         assert load.answers and set(load.answers) == {LEGACY}
         assert sample(registry, "shadowserve_candidate_killed_total", model="m") >= 1
         assert gateway.engine.pid != first_engine
+
+
+async def test_the_engine_captures_mismatched_requests_with_both_answers(legacy_url, model_server, tmp_path):
+    from server.capture import read_records
+
+    candidate_url, _ = await model_server(Behaviour(scale_by(3.0)))  # disagrees on every request
+    capture = {"dir": str(tmp_path / "capture"), "max_per_second": 1000}
+    config = {"models": [pair(legacy_url, {"runtime": "remote", "url": candidate_url, "model": "m"},
+                              shadow_percent=100, capture=capture)]}
+    async with running_gateway(config) as gateway:
+        async with triton_aio.InferenceServerClient(f"127.0.0.1:{gateway.grpc_port}") as client:
+            assert {await ask(client) for _ in range(3)} == {LEGACY}
+        await wait_for(lambda: sample(gateway.registry, "shadowserve_capture_records_total", model="m") == 3)
+    records = read_records(tmp_path / "capture")
+    assert [record.verdict for record in records] == ["mismatch"] * 3
+    tensors = records[0].load()
+    assert tensors.inputs["x"].tobytes() == X.tobytes() and tensors.legacy["y"].tobytes() == LEGACY
+    assert tensors.candidate["y"].tobytes() == (X * 3).tobytes() and records[0].meta["stage"] == "shadow"
