@@ -57,6 +57,10 @@ class Backend(abc.ABC):
     async def run(self, inputs: dict[str, np.ndarray], timeout_s: float) -> dict[str, np.ndarray]:
         """Infer within `timeout_s`; raise BackendTimeout past it, BackendError on failure."""
 
+    async def probe(self) -> bool:
+        """Whether the loaded backend can answer now; in-process ones always can."""
+        return True
+
     async def close(self) -> None:
         self.ready = False
 

@@ -21,7 +21,10 @@ CHANNEL_OPTIONS = [
     # A channel of its own: after a failed load a fresh channel must not inherit, from gRPC's
     # process-wide pool, a connection still waiting out its reconnect backoff (up to 2 minutes).
     ("grpc.use_local_subchannel_pool", 1),
+    # A backend that comes back is found within seconds, not after gRPC's default backoff of up to 2 minutes.
+    ("grpc.max_reconnect_backoff_ms", 2_000),
 ]
+PROBE_TIMEOUT_S = 2.0
 
 
 def rpc_failure(role_text: str, error: grpc.aio.AioRpcError) -> BackendError:
@@ -29,6 +32,8 @@ def rpc_failure(role_text: str, error: grpc.aio.AioRpcError) -> BackendError:
     message = f"{role_text}: {error.details() or error.code().name}"
     if error.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
         return BackendTimeout(message)
+    if error.code() == grpc.StatusCode.CANCELLED:  # the backend went away mid-call; our client cancelled nothing
+        return BackendError(message, grpc.StatusCode.UNAVAILABLE)
     return BackendError(message, error.code())
 
 
@@ -59,6 +64,14 @@ class RemoteBackend(Backend):
         if not response.ready:
             raise BackendError(f"{self.config.url} reports model {self.config.model!r} not ready", grpc.StatusCode.UNAVAILABLE)
         self.ready = True
+
+    async def probe(self) -> bool:
+        try:
+            response = await self._open().ModelReady(
+                pb.ModelReadyRequest(name=self.config.model, version=self.config.version), timeout=PROBE_TIMEOUT_S)
+        except grpc.aio.AioRpcError:
+            return False
+        return response.ready
 
     async def run(self, inputs: dict[str, np.ndarray], timeout_s: float) -> dict[str, np.ndarray]:
         if self._stub is None:

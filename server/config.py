@@ -302,6 +302,9 @@ class ServerConfig(Strict):
     engine: EngineConfig = EngineConfig()
     backend_retry_s: float = Field(
         1.0, gt=0, description="first pause before a backend that failed to load is tried again; doubles up to 30 s")
+    legacy_probe_s: float = Field(
+        1.0, gt=0, description="how often each legacy backend is asked whether it can answer; a model whose legacy "
+        "cannot turns not ready (ModelReady, grpc.health.v1) until it can")
 
     @model_validator(mode="after")
     def _admin_loopback(self) -> "ServerConfig":

@@ -15,6 +15,7 @@ import random
 import time
 from typing import Iterable
 
+import grpc
 import numpy as np
 
 from adapters.base import Backend
@@ -32,6 +33,8 @@ ROUTING_BUCKETS = 10_000
 # Above `server.shed_shadow_from_loop_busy` the share of hand-offs skipped grows with the loop's busy
 # share, reaching all of them this far above it: a short excursion sheds a few, sustained saturation all.
 SHED_RAMP = 0.1
+# Legacy calls answered UNAVAILABLE in a row before the model turns not ready; one answer turns it ready again.
+LEGACY_DOWN_AFTER = 3
 Outputs = dict[str, np.ndarray]
 
 
@@ -58,10 +61,27 @@ class ModelPair(Routed):
         self.route = route
         self.inputs: dict[str, TensorConfig] = {tensor.name: tensor for tensor in config.inputs}
         self.output_names = tuple(tensor.name for tensor in config.outputs)
+        self._legacy_unanswered = 0
 
     @property
     def ready(self) -> bool:
-        return self.legacy.ready
+        return self.legacy.ready and self.legacy_up
+
+    @property
+    def legacy_up(self) -> bool:
+        return self._legacy_unanswered < LEGACY_DOWN_AFTER
+
+    def legacy_answered(self, answered: bool, conclusive: bool = False) -> None:
+        """A legacy call or probe came back; `conclusive` failures (a probe) turn it down at once."""
+        was_up = self.legacy_up
+        if answered:
+            self._legacy_unanswered = 0
+        else:
+            self._legacy_unanswered = LEGACY_DOWN_AFTER if conclusive else self._legacy_unanswered + 1
+        if self.legacy_up != was_up:
+            log.warning("model %s: legacy backend %s", self.name,
+                        "answers again; ready" if self.legacy_up else "does not answer; not ready until it does")
+        self.metrics.legacy_up.set(1 if self.legacy_up else 0)
 
     def candidate_facts(self) -> dict[str, str] | None:
         """What operators may read about the candidate (an in-process one runs in the engine: its runtime)."""
@@ -84,6 +104,7 @@ class Dispatcher:
         self.shed_from_busy = server.shed_shadow_from_loop_busy if server.shed_shadow_from_loop_busy is not None else 1.0
         self.loop_load = loop_load if loop_load is not None else LoopLoad()
         self.loader = Loader(server.backend_retry_s)
+        self.legacy_probe_s = server.legacy_probe_s
         self._tasks: set[asyncio.Task] = set()
 
     @classmethod
@@ -113,6 +134,16 @@ class Dispatcher:
             if pair.candidate is not None:
                 loads.append(self.loader.load(pair.name, "candidate", pair.candidate, required=False))
         await asyncio.gather(*loads)
+        for pair in self.pairs.values():
+            pair.legacy_answered(True)
+            self._spawn(self._watch_legacy(pair))
+
+    async def _watch_legacy(self, pair: ModelPair) -> None:
+        """Probe the legacy between requests, so readiness follows it even without traffic."""
+        while True:
+            await asyncio.sleep(self.legacy_probe_s)
+            if pair.legacy.ready:
+                pair.legacy_answered(await pair.legacy.probe(), conclusive=True)
 
     async def close(self) -> None:
         self.loop_load.stop()
@@ -124,6 +155,11 @@ class Dispatcher:
             await pair.legacy.close()
             if pair.candidate is not None:
                 await pair.candidate.close()
+
+    @property
+    def ready(self) -> bool:
+        """The server is ready while any of its models can serve."""
+        return any(pair.ready for pair in self.pairs.values())
 
     def _spawn(self, coroutine) -> asyncio.Task:
         task = asyncio.get_running_loop().create_task(coroutine)
@@ -221,7 +257,13 @@ class Dispatcher:
         if request.deadline_s is not None:
             timeout = min(timeout, max(request.deadline_s, 0.001))
         start = time.perf_counter()
-        outputs = await self._call(pair, pair.legacy, "legacy", request.inputs, timeout)
+        try:
+            outputs = await self._call(pair, pair.legacy, "legacy", request.inputs, timeout)
+        except ShadowServeError as exc:
+            if exc.code == grpc.StatusCode.UNAVAILABLE:
+                pair.legacy_answered(False)
+            raise
+        pair.legacy_answered(True)
         missing = [name for name in pair.output_names if name not in outputs]
         if missing:
             pair.metrics.backend_error("legacy", "INTERNAL")

@@ -158,7 +158,7 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         return pb.ServerLiveResponse(live=True)
 
     async def ServerReady(self, request, context):
-        return pb.ServerReadyResponse(ready=all(pair.ready for pair in self.dispatcher.pairs.values()))
+        return pb.ServerReadyResponse(ready=self.dispatcher.ready)
 
     async def ServerMetadata(self, request, context):
         return pb.ServerMetadataResponse(
@@ -374,5 +374,4 @@ async def update_health(health_servicer: Any, dispatcher: Dispatcher) -> None:
     serving, not_serving = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
     for pair in dispatcher.pairs.values():
         await health_servicer.set(pair.name, serving if pair.ready else not_serving)
-    all_ready = all(pair.ready for pair in dispatcher.pairs.values())
-    await health_servicer.set("", serving if all_ready else not_serving)
+    await health_servicer.set("", serving if dispatcher.ready else not_serving)

@@ -147,6 +147,10 @@ class Metrics:
         self.engine_up = gauge(
             "shadowserve_engine_up", "1 while the shadow engine process runs and answers its heartbeat.",
             registry=registry, multiprocess_mode="max")
+        self.legacy_up = gauge(
+            "shadowserve_legacy_up", "1 while the model's legacy backend answers; 0 turns the model not ready "
+            "(ModelReady, its grpc.health.v1 service) until it answers again.",
+            ["model"], registry=registry, multiprocess_mode="livemin")
         self.candidate_killed = counter(
             "shadowserve_candidate_killed_total",
             "In-process candidate inferences that ran past their deadline: the shadow engine running them is killed "
@@ -185,6 +189,7 @@ class ModelMetrics:
         self.serve_percent = metrics.serve_percent.labels(model)
         self.circuit_open = metrics.circuit_open.labels(model)
         self.circuit_open.set(0)
+        self.legacy_up = metrics.legacy_up.labels(model)
         self._rollout: tuple[str, ...] | None = None
         self._requests: dict[tuple[str, str], Counter] = {}
         self._errors: dict[tuple[str, str], Counter] = {}

@@ -69,12 +69,13 @@ class ScriptedModelServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         return encode_response(self.model, "1", request, behaviour.transform(inputs))
 
 
-async def start_model_server(model: str, behaviour: Behaviour | None = None) -> tuple[grpc.aio.Server, str, Behaviour]:
+async def start_model_server(model: str, behaviour: Behaviour | None = None,
+                             port: int = 0) -> tuple[grpc.aio.Server, str, Behaviour]:
     behaviour = behaviour or Behaviour()
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", 512 << 20),
                                       ("grpc.max_send_message_length", 512 << 20)])
     service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(ScriptedModelServicer(model, behaviour), server)
-    port = server.add_insecure_port("127.0.0.1:0")
+    port = server.add_insecure_port(f"127.0.0.1:{port}")
     await server.start()
     return server, f"127.0.0.1:{port}", behaviour
 
