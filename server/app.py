@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import shutil
 import signal
@@ -30,6 +31,16 @@ disable_created_metrics()  # nobody reads the `_created` series; every scrape wo
 def new_shared_state(config: Config, workers: int = 1) -> SharedState:
     percentages = [(model.shadow_percent, model.serve_percent) for model in config.models]
     return SharedState.create(percentages, workers, config.server.engine.queue_bytes)
+
+
+def settle_heap() -> None:
+    """Move what start-up built (runtimes, models, modules) out of the collector's reach for good.
+
+    A full collection scans every tracked object; with torch or MXNet loaded that took 165 ms, and it
+    stalled every request in flight. Frozen, those objects are never scanned again.
+    """
+    gc.collect()
+    gc.freeze()
 
 
 class Gateway:
@@ -108,6 +119,7 @@ class Gateway:
     async def serve_forever(self) -> None:
         """Run until SIGINT/SIGTERM, then drain in-flight requests."""
         await self.start()
+        settle_heap()
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):

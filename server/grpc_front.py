@@ -73,10 +73,13 @@ def _mapping_errors(behaviour, parse, stream: bool):
                 request_or_iterator = _parsed(request_or_iterator, parse)
             return await behaviour(request_or_iterator, context)
         except ShadowServeError as exc:
-            await context.abort(exc.code, _details(str(exc)))
+            code, details = exc.code, _details(str(exc))
         except Exception:
             log.exception("unhandled error in %s", behaviour.__name__)
-            await context.abort(grpc.StatusCode.INTERNAL, "Internal server error")
+            code, details = grpc.StatusCode.INTERNAL, "Internal server error"
+        # A status, not context.abort(): abort's exception ties frames into a cycle on every failed request.
+        context.set_code(code)
+        context.set_details(details)
 
     return answer
 

@@ -108,7 +108,7 @@ def inputs(text: np.ndarray = TEXT, number: np.ndarray = NUMBER) -> list[triton_
     return [text_input, number_input]
 
 
-async def wait_until(predicate, timeout_s: float = 10.0) -> None:
+async def wait_until(predicate, timeout_s: float = 30.0) -> None:
     deadline = asyncio.get_running_loop().time() + timeout_s
     while not predicate():
         assert asyncio.get_running_loop().time() < deadline, "condition not reached in time"
@@ -128,6 +128,7 @@ async def test_bytes_and_bf16_reach_both_sides_and_compare(model_servers):
             assert result.as_numpy("text_out").tolist() == TEXT.tolist()
             assert result.as_numpy("number_out").tobytes() == (NUMBER.astype(np.float32) * 2).astype(ml_dtypes.bfloat16).tobytes()
             await client.infer("reversed", inputs())
+        await wait_until(lambda: candidate.received)  # the shadow engine calls it after the reply
         for side in (legacy, candidate):  # each backend got the client's exact tensors
             assert side.received[0]["text"].tolist() == TEXT.tolist()
             assert side.received[0]["number"].tobytes() == NUMBER.tobytes()

@@ -52,7 +52,7 @@ class ScriptedModelServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         behaviour = self.behaviour
         behaviour.calls += 1
         if request.model_name != self.model:
-            await context.abort(grpc.StatusCode.NOT_FOUND, f"no model {request.model_name}")
+            return _failed(context, grpc.StatusCode.NOT_FOUND, f"no model {request.model_name}")
         if behaviour.delay_s:
             if behaviour.busy:
                 end = asyncio.get_running_loop().time() + behaviour.delay_s
@@ -61,12 +61,18 @@ class ScriptedModelServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
             else:
                 await asyncio.sleep(behaviour.delay_s)
         if behaviour.fail_with is not None:
-            await context.abort(behaviour.fail_with, "scripted failure")
+            return _failed(context, behaviour.fail_with, "scripted failure")
         inputs = {
             tensor.name: np.frombuffer(raw, V2_TO_NUMPY[tensor.datatype]).reshape(tensor.shape)
             for tensor, raw in zip(request.inputs, request.raw_input_contents)
         }
         return encode_response(self.model, "1", request, behaviour.transform(inputs))
+
+
+def _failed(context, code: grpc.StatusCode, details: str) -> None:
+    """A failed status without context.abort(), whose exception leaves a reference cycle per call."""
+    context.set_code(code)
+    context.set_details(details)
 
 
 async def start_model_server(model: str, behaviour: Behaviour | None = None,
