@@ -1,4 +1,4 @@
-"""The processes of a benchmark run: start them on free loopback ports, place them on CPUs, read /proc.
+"""The processes of a benchmark run: start them on loopback ports they bind, place them on CPUs, read /proc.
 
 Every backend, baseline and gateway runs in its own process, so none shares the load generator's
 GIL and the CPU a gateway spends can be read from /proc for that process (and its worker children).
@@ -7,6 +7,7 @@ GIL and the CPU a gateway spends can be read from /proc for that process (and it
 from __future__ import annotations
 
 import os
+import re
 import select
 import signal
 import subprocess
@@ -17,7 +18,7 @@ from typing import Iterable
 
 import yaml
 
-from tests.support.ports import free_port
+from tests.support.gateway import SERVING
 
 ROOT = Path(__file__).resolve().parent.parent
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
@@ -55,6 +56,15 @@ def cpu_seconds(pid: int) -> float:
     except OSError:
         return 0.0
     return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime, stime
+
+
+def cmdline(pid: int) -> bytes:
+    """The process's command line as it shows in `ps`, titles set by the process included."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as file:
+            return file.read()
+    except OSError:
+        return b""
 
 
 def rss_bytes(pid: int) -> int:
@@ -140,21 +150,26 @@ def start_server(kind: str, workdir: Path, name: str, *args: str) -> Process:
 
 
 class Gateway(Process):
-    """`shadowserve serve --config ...` on free loopback ports."""
+    """`shadowserve serve --config ...` on loopback ports it binds itself; `read_ports` reads them from its log."""
 
     def __init__(self, name: str, models: list[dict], workdir: Path, workers: int = 1, **server: object) -> None:
-        self.grpc_port, self.metrics_port, self.admin_port = free_port(), free_port(), free_port()
-        config = {
-            "server": {"grpc_listen": f"127.0.0.1:{self.grpc_port}",
-                       "metrics_listen": f"127.0.0.1:{self.metrics_port}",
-                       "admin_listen": f"127.0.0.1:{self.admin_port}", **server},
-            "models": models,
-        }
+        self.grpc_port = self.metrics_port = self.admin_port = 0
+        listen = {key: "127.0.0.1:0" for key in ("grpc_listen", "metrics_listen", "admin_listen")}
+        config = {"server": {**listen, **server}, "models": models}
         self.config_path = workdir / f"{name}.yaml"
         self.config_path.write_text(yaml.safe_dump(config, sort_keys=False))
-        self.argv = [sys.executable, "-m", "server.cli", "--log-level", "WARNING", "serve",
+        self.argv = [sys.executable, "-m", "server.cli", "--log-level", "INFO", "serve",
                      "--config", str(self.config_path), "--workers", str(workers)]
         super().__init__(name, self.argv, workdir)
+
+    def read_ports(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline and self.popen.poll() is None:
+            if match := SERVING.search(self.log_path.read_text(errors="replace")):
+                self.grpc_port, self.metrics_port, self.admin_port = map(int, match.groups())
+                return
+            time.sleep(0.1)
+        raise RuntimeError(f"{self.name} did not start: {self.log_tail()}")
 
     @property
     def url(self) -> str:

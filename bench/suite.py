@@ -10,6 +10,7 @@ import asyncio
 import dataclasses
 import os
 import re
+import signal
 import statistics
 import time
 import urllib.request
@@ -221,11 +222,12 @@ class Suite:
             "gw-2-workers": dict(models=mxnet_pair(mxnet), workers=2),
             "gw-hung": dict(models=self._pair(remote("legacy"), remote("candidate-hung"))),
         }
-        for name, spec in gateways.items():
-            gateway = self._gateway(name, **spec)
+        started_gateways = {name: self._gateway(name, **spec) for name, spec in gateways.items()}
+        self.log(f"waiting for {len(gateways)} gateways")
+        await asyncio.gather(*(asyncio.to_thread(gateway.read_ports, 300) for gateway in started_gateways.values()))
+        for name, gateway in started_gateways.items():
             self.targets[name] = Target(name, gateway.url, gateway)
         self.notes["gateway command"] = self.targets["gw-shadow"].process.command  # type: ignore[union-attr]
-        self.log(f"waiting for {len(gateways)} gateways")
         await asyncio.gather(*(self._ready(self.targets[name]) for name in gateways))
         sut = ["echo", "mxnet-bare", *relays, *(name for name in gateways if name not in ("gw-1-worker", "gw-2-workers"))]
         for name, target in self.targets.items():
@@ -497,6 +499,39 @@ class Suite:
                    f"peak {max(samples) / 1e6:.0f} MB; shadow calls skipped: "
                    f"{counts_text(skipped_counts(scrape(process.metrics_port)))}"))  # type: ignore[union-attr]
 
+    async def engine_killed(self) -> None:
+        """Figure 9: SIGKILL the shadow engine under load; no client may notice, comparisons must come back."""
+        target = self.targets["gw-shadow"]
+        process = target.process
+        engine = next(pid for pid in procs.descendants(process.pid) if b"shadow engine" in procs.cmdline(pid))
+        client = target.client(ISOLATION_CONCURRENCY)
+        runs: list[Run] = []
+        resumed = asyncio.Event()
+
+        async def load() -> None:
+            while not resumed.is_set():
+                runs.append(await closed_loop(client, self.request, 100, ISOLATION_CONCURRENCY))
+
+        loading = asyncio.get_running_loop().create_task(load())
+        await asyncio.sleep(1.0)
+        os.kill(engine, signal.SIGKILL)
+        killed = time.monotonic()
+        compared_at_kill = compared_count(scrape(process.metrics_port))  # type: ignore[union-attr]
+        while compared_count(scrape(process.metrics_port)) <= compared_at_kill:  # type: ignore[union-attr]
+            if time.monotonic() - killed > 120:
+                break
+            await asyncio.sleep(0.05)
+        resume_s = time.monotonic() - killed
+        resumed.set()
+        await loading
+        failed = sum(sum(run.errors.values()) for run in runs)
+        sent = sum(len(run.latencies_ns) for run in runs)
+        self.add(Figure(
+            9, "shadow engine killed under load", f"failed client requests ({ISOLATION_CONCURRENCY} concurrent)",
+            float(failed), 0, True,
+            detail=f"{sent} requests sent; comparisons resumed {resume_s:.1f} s after the SIGKILL; a hand-off of one "
+                   f"request (1000 FP32 in, 1000 out) costs the primary {handoff_cost_us():.1f} µs"))
+
     async def run(self) -> None:
         try:
             await self.start()
@@ -514,8 +549,34 @@ class Suite:
             await self.scale_out()
             self.log("figure 8: memory")
             await self.memory()
+            self.log("figure 9: shadow engine killed")
+            await self.engine_killed()
         finally:
             await self.stop()
+
+
+def handoff_cost_us(repeats: int = 2000) -> float:
+    """Median wall time of one hand-off into a shared-memory ring: what shadowing a request costs a primary."""
+    import numpy as np
+
+    from server.handoff import SHADOW_CALL, HandoffWriter, SharedState
+
+    shared = SharedState.create([(100.0, 0.0)], 1, 64 * MIB)
+    read_fd, write_fd = os.pipe()
+    writer = HandoffWriter(shared.rings[0], write_fd)
+    groups = ({"x": np.ones((1, 1000), np.float32)}, {"y": np.ones((1, 1000), np.float32)})
+    times = []
+    for i in range(repeats):
+        start = time.perf_counter_ns()
+        writer.put(SHADOW_CALL, 0, f"request-{i}", groups, legacy_s=0.001)
+        times.append(time.perf_counter_ns() - start)
+        if i % 100 == 99:
+            for _ in shared.rings[0].drain():
+                pass
+            os.read(read_fd, 4096)
+    os.close(read_fd)
+    os.close(write_fd)
+    return statistics.median(times) / 1000
 
 
 # -- /metrics ----------------------------------------------------------------------------------

@@ -302,6 +302,10 @@ class ServerConfig(Strict):
     engine: EngineConfig = EngineConfig()
     backend_retry_s: float = Field(
         1.0, gt=0, description="first pause before a backend that failed to load is tried again; doubles up to 30 s")
+    max_unjudged_served: int = Field(
+        8, ge=1, description="candidate answers a primary may serve before the shadow engine has judged them; beyond "
+        "this (an engine slowed, restarting or down), canary requests are answered by the legacy (fallback reason "
+        "unjudged), so the wrong answers clients can get before a guard rollback do not grow with traffic")
     legacy_probe_s: float = Field(
         1.0, gt=0, description="how often each legacy backend is asked whether it can answer; a model whose legacy "
         "cannot turns not ready (ModelReady, grpc.health.v1) until it can")

@@ -105,6 +105,7 @@ class Dispatcher:
         self.loop_load = loop_load if loop_load is not None else LoopLoad()
         self.loader = Loader(server.backend_retry_s)
         self.legacy_probe_s = server.legacy_probe_s
+        self.max_unjudged_served = server.max_unjudged_served
         self._tasks: set[asyncio.Task] = set()
 
     @classmethod
@@ -182,10 +183,11 @@ class Dispatcher:
             if not pair.legacy.ready:
                 raise ModelNotReady(f"model {pair.name!r} is not ready: its legacy backend is still loading")
             bucket = routing_bucket(request.routing_key or request.id)
+            shadow = bucket < pair.shadow_percent * 100
             if pair.has_candidate and bucket < pair.serve_percent * 100:
-                outputs, served_by = await self._canary(pair, request)
+                outputs, served_by = await self._canary(pair, request, shadow)
             else:
-                outputs = await self._shadowed(pair, request, shadow=bucket < pair.shadow_percent * 100)
+                outputs = await self._shadowed(pair, request, shadow)
         except ShadowServeError as exc:
             pair.metrics.request(exc.code.name, served_by)
             raise
@@ -200,13 +202,16 @@ class Dispatcher:
             self._hand_over(pair, SHADOW_CALL, request, (request.inputs, outputs), legacy_s=elapsed)
         return outputs
 
-    async def _canary(self, pair: ModelPair, request: InferRequest) -> tuple[Outputs, str]:
+    async def _canary(self, pair: ModelPair, request: InferRequest, shadow: bool) -> tuple[Outputs, str]:
         """Answer from the candidate; the legacy runs beside it for comparison and as the fallback."""
         candidate = pair.candidate
         if candidate is None or not candidate.ready:
             return await self._fall_back(pair, request, "not_ready")
         if pair.route.circuit_open:
             return await self._fall_back(pair, request, "circuit_open")
+        if self.handoff is not None and self.handoff.ring.unjudged >= self.max_unjudged_served:
+            pair.metrics.fallback("unjudged")  # still shadowed: the engine judges it once it catches up
+            return await self._shadowed(pair, request, shadow), "legacy"
         legacy_call = self._spawn(self._call_legacy(pair, request))
         start = time.perf_counter()
         try:
@@ -220,6 +225,8 @@ class Dispatcher:
             self._hand_over(pair, SERVED_FAILED, request, (), reason=reason, candidate_s=time.perf_counter() - start)
             return (await legacy_call)[0], "legacy"
         candidate_s = time.perf_counter() - start
+        if self.handoff is not None:
+            self.handoff.ring.served()
         legacy_call.add_done_callback(lambda done: self._served(pair, request, done, outputs, candidate_s))
         return outputs, "candidate"
 
@@ -231,21 +238,26 @@ class Dispatcher:
 
     def _served(self, pair: ModelPair, request: InferRequest, legacy_call: asyncio.Task, candidate: Outputs,
                 candidate_s: float) -> None:
+        handed_over = False
         if not legacy_call.cancelled() and legacy_call.exception() is None:
             legacy, legacy_s = legacy_call.result()
-            self._hand_over(pair, SERVED, request, (request.inputs, legacy, candidate), legacy_s=legacy_s,
-                            candidate_s=candidate_s)
+            handed_over = self._hand_over(pair, SERVED, request, (request.inputs, legacy, candidate), legacy_s=legacy_s,
+                                          candidate_s=candidate_s)
+        if not handed_over and self.handoff is not None:
+            self.handoff.ring.served(-1)
 
     def _hand_over(self, pair: ModelPair, kind: int, request: InferRequest, groups: tuple[Outputs, ...],
-                   reason: str = "", legacy_s: float = math.nan, candidate_s: float = math.nan) -> None:
-        """Give the engine what it needs; skipped and counted when it cannot take it now."""
+                   reason: str = "", legacy_s: float = math.nan, candidate_s: float = math.nan) -> bool:
+        """Give the engine what it needs; skipped and counted (False) when it cannot take it now."""
         if self.handoff is None:
-            return
+            return False
         if kind == SHADOW_CALL and self._overloaded():
             pair.metrics.skipped["overloaded"].inc()
-            return
+            return False
         if not self.handoff.put(kind, pair.index, request.routing_key or request.id, groups, reason, legacy_s, candidate_s):
             pair.metrics.skipped["saturated"].inc()
+            return False
+        return True
 
     def _overloaded(self) -> bool:
         """Whether to skip a shadow hand-off for the primary's sake: the busier the loop, the likelier."""

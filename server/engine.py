@@ -131,6 +131,8 @@ class Engine:
         from server.admin import start_admin_server
 
         server = self.config.server
+        for ring in self.shared.rings:
+            ring.forget_unjudged()
         self._admin, self.admin_port = await start_admin_server(self.rollout, server.admin_listen, server.admin_allow_remote)
         self._candidates = await start_candidate_service(self, self.shared.engine_address, server.max_message_bytes)
         await asyncio.gather(*(self.loader.load(pair.name, "candidate", pair.candidate, required=False)
@@ -267,9 +269,12 @@ class Engine:
     def _schedule_comparison(self, pair: ShadowPair, legacy: Outputs, candidate: Outputs, record: Handoff,
                              served: bool) -> None:
         """`served`: the client got the candidate's answer, so the guard must judge it without delay."""
-        if self.compare_outputs and not self.comparisons.submit(pair, legacy, candidate, (record, candidate),
-                                                                urgent=served or pair.serve_percent > 0):
+        if not self.compare_outputs:
+            record.judged()
+        elif not self.comparisons.submit(pair, legacy, candidate, (record, candidate),
+                                         urgent=served or pair.serve_percent > 0):
             pair.metrics.skipped["saturated"].inc()
+            record.judged()
 
     def _record(self, pair: ShadowPair, comparison: Comparison, context: tuple[Handoff, Outputs]) -> None:
         pair.metrics.comparison(comparison)
@@ -282,6 +287,7 @@ class Engine:
                                stage=pair.stage, request_id=record.request_id, routing_key=None,
                                time_unix=record.time_unix)
         self._notify(pair, comparison)
+        context[0].judged()
 
     def _candidate_failed(self, pair: ShadowPair) -> None:
         pair.window.candidate_failed()

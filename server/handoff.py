@@ -59,20 +59,43 @@ class Handoff:
     legacy_s: float = math.nan  # how long the primary's legacy call took; NaN: none
     candidate_s: float = math.nan  # how long the primary's candidate call took (served records)
     reason: str = ""  # SERVED_FAILED: one of FAILURE_REASONS
+    source: "Ring | None" = None  # the ring it came through
+
+    def judged(self) -> None:
+        """A SERVED record's verdict reached the guard (or never will): its primary may serve one more."""
+        if self.kind == SERVED and self.source is not None:
+            self.source.judged()
 
 
 class Ring:
     """A single-producer, single-consumer byte ring over a slice of the shared file."""
 
     def __init__(self, buffer: mmap.mmap, offset: int, size: int) -> None:
-        self._positions = np.frombuffer(buffer, np.uint64, 2, offset)  # write, read
-        self._data = memoryview(buffer)[offset + 16: offset + 16 + size]
-        self._bytes = np.frombuffer(buffer, np.uint8, size, offset + 16)
+        # write, read, served answers handed over (by the primary), served answers judged (by the engine)
+        self._positions = np.frombuffer(buffer, np.uint64, 4, offset)
+        self._data = memoryview(buffer)[offset + 32: offset + 32 + size]
+        self._bytes = np.frombuffer(buffer, np.uint8, size, offset + 32)
         self.size = size
 
     @staticmethod
     def footprint(size: int) -> int:
-        return 16 + size
+        return 32 + size
+
+    @property
+    def unjudged(self) -> int:
+        """Candidate answers clients got through this ring's primary that the guard has not judged yet."""
+        return int(self._positions[2]) - int(self._positions[3])
+
+    def served(self, count: int = 1) -> None:
+        """The primary gave a client a candidate answer (-1: whose hand-off will never come after all)."""
+        self._positions[2] += count
+
+    def judged(self) -> None:
+        self._positions[3] += 1
+
+    def forget_unjudged(self) -> None:
+        """A new engine cannot judge what a dead one took: count it judged, so primaries do not wait for it."""
+        self._positions[3] = self._positions[2]
 
     @property
     def used(self) -> int:
@@ -164,7 +187,7 @@ class Ring:
             groups.append(group)
         failed = kind == SERVED_FAILED
         return Handoff(kind, model, when, "" if failed else text, *groups, legacy_s=legacy_s, candidate_s=candidate_s,
-                       reason=text if failed else "")
+                       reason=text if failed else "", source=self)
 
 
 def _tensor_header(name: str, array: np.ndarray) -> tuple[bytes, np.ndarray]:

@@ -25,7 +25,7 @@ STAGES = ("off", "shadow", "canary", "cutover", "rolled_back")
 ROLLBACK_REASONS = ("manual", "mismatch_rate", "top1_agreement", "error_rate", "latency")
 # rate_limit and queue_full: never written; cap: deleted by rotation, or alone larger than the cap; error: write failed
 CAPTURE_DROP_REASONS = ("rate_limit", "queue_full", "cap", "error")
-FALLBACK_REASONS = ("not_ready", "timeout", "error", "circuit_open")
+FALLBACK_REASONS = ("not_ready", "timeout", "error", "circuit_open", "unjudged")
 RELOAD_RESULTS = ("applied", "rejected")
 
 

@@ -1,4 +1,4 @@
-"""The benchmark harness cannot rot: its quick mode runs end to end and reports every figure of issue 5."""
+"""The benchmark harness cannot rot: its quick mode runs end to end and reports every figure."""
 
 from __future__ import annotations
 
@@ -14,20 +14,20 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.mark.timeout(240)
+@pytest.mark.timeout(480)
 def test_quick_bench_reports_every_figure(tmp_path):
     report, figures = tmp_path / "BENCHMARKS.md", tmp_path / "figures.json"
     env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
     run = subprocess.run([sys.executable, "-m", "bench", "--quick", "--out", str(report), "--json", str(figures)],
-                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=200)
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=420)
     assert run.returncode == 0, run.stderr[-4000:]
     found = json.loads(figures.read_text())
-    assert {figure["number"] for figure in found} == set(range(1, 9))
+    assert {figure["number"] for figure in found} == set(range(1, 10))
     for figure in found:  # a number for each, not a pass: timings on a shared CI machine are noise
         assert isinstance(figure["value"], float) and math.isfinite(figure["value"]), figure
-        assert figure["target"] > 0 and figure["measure"]
+        assert figure["target"] >= 0 and figure["measure"]
     text = report.read_text()
     assert "## Machine" in text and "nproc" in text and "python -m bench --quick" in text
-    for number in range(1, 9):
+    for number in range(1, 10):
         assert f"\n| {number} | " in text
     assert "quick mode" in text

@@ -148,3 +148,26 @@ async def test_the_engine_captures_mismatched_requests_with_both_answers(legacy_
     tensors = records[0].load()
     assert tensors.inputs["x"].tobytes() == X.tobytes() and tensors.legacy["y"].tobytes() == LEGACY
     assert tensors.candidate["y"].tobytes() == (X * 3).tobytes() and records[0].meta["stage"] == "shadow"
+
+
+async def test_a_stopped_engine_bounds_the_candidate_answers_served_unjudged(legacy_url, model_server):
+    candidate_url, _ = await model_server(Behaviour(scale_by(2.0)))
+    config = {"server": {"max_unjudged_served": 5, "engine": {"hang_s": 600}},
+              "models": [pair(legacy_url, {"runtime": "remote", "url": candidate_url, "model": "m"}, serve_percent=100)]}
+    async with running_gateway(config) as gateway:
+        registry = gateway.registry
+        served = lambda side: sample(registry, "shadowserve_requests_total", model="m", code="OK", served_by=side)  # noqa: E731
+        async with triton_aio.InferenceServerClient(f"127.0.0.1:{gateway.grpc_port}") as client:
+            assert await ask(client) == LEGACY
+            await wait_for(lambda: gateway.shared.rings[0].unjudged == 0)
+            os.kill(gateway.engine.pid, signal.SIGSTOP)
+            try:
+                answers = [await ask(client) for _ in range(30)]
+                assert (served("candidate"), served("legacy")) == (1 + 5, 25)
+                assert sample(registry, "shadowserve_fallbacks_total", model="m", reason="unjudged") == 25
+            finally:
+                os.kill(gateway.engine.pid, signal.SIGCONT)
+            await wait_for(lambda: gateway.shared.rings[0].unjudged == 0)
+            answers += [await ask(client) for _ in range(3)]
+            assert served("candidate") == 1 + 5 + 3
+    assert set(answers) == {LEGACY}
