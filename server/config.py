@@ -33,7 +33,20 @@ def _existing_file(path: Path, info: ValidationInfo) -> Path:
     return path
 
 
-ModelFile = Annotated[Path, AfterValidator(_existing_file)]
+ExistingFile = Annotated[Path, AfterValidator(_existing_file)]
+ModelFile = ExistingFile
+
+
+def _token_file(path: Path, info: ValidationInfo) -> Path:
+    path = _existing_file(path, info)
+    if (info.context or {}).get("check_files", True):
+        try:
+            token = path.read_text().strip()
+        except OSError as exc:
+            raise ValueError(f"cannot read {path}: {exc.strerror}") from None
+        if not token:
+            raise ValueError(f"empty token file: {path}")
+    return path
 
 
 def _listen_address(value: str) -> str:
@@ -64,6 +77,30 @@ def is_loopback(listen: str) -> bool:
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ListenTLSConfig(Strict):
+    """TLS on a port the gateway serves. The files are read again on the first handshake after they change."""
+
+    cert_file: ExistingFile = Field(description="PEM certificate chain the port presents")
+    key_file: ExistingFile = Field(description="PEM private key of cert_file")
+    client_ca_file: ExistingFile | None = Field(
+        None, description="PEM CA bundle; when set, clients must present a certificate it signed (mTLS)")
+
+
+class ChannelTLSConfig(Strict):
+    """TLS towards a backend. The files are read when the backend is connected (start-up, retries, reloads)."""
+
+    ca_file: ExistingFile | None = Field(None, description="PEM CA bundle that signed the backend's certificate; "
+                                         "default: the system's roots")
+    cert_file: ExistingFile | None = Field(None, description="PEM client certificate, for a backend that wants mTLS")
+    key_file: ExistingFile | None = Field(None, description="PEM private key of cert_file")
+
+    @model_validator(mode="after")
+    def _pair(self) -> "ChannelTLSConfig":
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("give cert_file and key_file together")
+        return self
 
 
 class TensorConfig(Strict):
@@ -112,6 +149,7 @@ class RemoteConfig(BackendConfig):
     url: str = Field(min_length=3, description="HOST:PORT of a KServe v2 gRPC endpoint")
     model: str = Field(min_length=1)
     version: str = ""
+    tls: ChannelTLSConfig | None = Field(None, description="connect over TLS; null: plaintext")
 
 
 class TritonConfig(RemoteConfig):
@@ -280,6 +318,11 @@ class ServerConfig(Strict):
     metrics_listen: ListenAddress = "0.0.0.0:8002"
     admin_listen: ListenAddress = "127.0.0.1:8003"
     admin_allow_remote: bool = Field(False, description="allow admin_listen on a non-loopback address")
+    tls: ListenTLSConfig | None = Field(None, description="TLS on grpc_listen; null: plaintext")
+    admin_tls: ListenTLSConfig | None = Field(None, description="TLS on admin_listen; null: plaintext")
+    admin_token_file: Annotated[Path, AfterValidator(_token_file)] | None = Field(
+        None, description="file holding the token every admin call must carry (`authorization: Bearer TOKEN`); "
+        "read on every call, so a rotated token applies at once; null: no token asked")
     max_message_bytes: int = Field(256 * 1024 * 1024, ge=4 * 1024 * 1024)
     max_shadow_in_flight: int = Field(64, ge=1, description="shadow calls beyond this are skipped")
     max_comparisons_queued: int = Field(256, ge=1, description="comparisons beyond this are skipped")
