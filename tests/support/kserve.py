@@ -75,13 +75,15 @@ def _failed(context, code: grpc.StatusCode, details: str) -> None:
     context.set_details(details)
 
 
-async def start_model_server(model: str, behaviour: Behaviour | None = None,
-                             port: int = 0) -> tuple[grpc.aio.Server, str, Behaviour]:
+async def start_model_server(model: str, behaviour: Behaviour | None = None, port: int = 0,
+                             credentials: grpc.ServerCredentials | None = None) -> tuple[grpc.aio.Server, str, Behaviour]:
+    """`credentials`: serve TLS with them; plaintext by default."""
     behaviour = behaviour or Behaviour()
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", 512 << 20),
                                       ("grpc.max_send_message_length", 512 << 20)])
     service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(ScriptedModelServicer(model, behaviour), server)
-    port = server.add_insecure_port(f"127.0.0.1:{port}")
+    listen = f"127.0.0.1:{port}"
+    port = server.add_insecure_port(listen) if credentials is None else server.add_secure_port(listen, credentials)
     await server.start()
     return server, f"127.0.0.1:{port}", behaviour
 

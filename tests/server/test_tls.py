@@ -1,0 +1,160 @@
+"""TLS and mTLS on the front and admin ports, the admin token, and TLS towards backends: real certificates,
+a real `shadowserve serve` and real tritonclient clients."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import pytest
+import tritonclient.grpc.aio as triton_aio
+import yaml
+from tritonclient.utils import InferenceServerException
+
+from tests.support.certs import Certificates, make_certificates
+from tests.support.gateway import LEGACY, X, GatewayProcess
+from tests.support.kserve import Behaviour, scale_by, start_model_server
+
+TOKEN = "s3cret-token"
+
+
+def remote(url: str, tls: dict[str, Any] | None = None) -> dict[str, Any]:
+    return {"runtime": "remote", "url": url, "model": "m", **({"tls": tls} if tls else {})}
+
+
+def write_config(tmp_path: Path, server: dict[str, Any], legacy: dict[str, Any],
+                 candidate: dict[str, Any] | None = None) -> Path:
+    ports = {"grpc_listen": "127.0.0.1:0", "metrics_listen": "127.0.0.1:0", "admin_listen": "127.0.0.1:0"}
+    model = {"name": "m", "inputs": [{"name": "x", "datatype": "FP32", "shape": [-1, 2]}],
+             "outputs": [{"name": "y", "datatype": "FP32", "shape": [-1, 2]}], "legacy": legacy}
+    if candidate is not None:
+        model |= {"candidate": candidate, "shadow_percent": 100}
+    path = tmp_path / "shadow.yaml"
+    path.write_text(yaml.safe_dump({"server": {**ports, **server}, "models": [model]}, sort_keys=False))
+    return path
+
+
+async def infer(client: triton_aio.InferenceServerClient) -> bytes:
+    tensor = triton_aio.InferInput("x", [1, 2], "FP32")
+    tensor.set_data_from_numpy(X)
+    return (await client.infer("m", [tensor], client_timeout=10)).as_numpy("y").tobytes()
+
+
+def tls_client(port: int, certs: Certificates, with_cert: bool) -> triton_aio.InferenceServerClient:
+    client_cert = {"private_key": str(certs.client_key), "certificate_chain": str(certs.client_cert)}
+    return triton_aio.InferenceServerClient(f"127.0.0.1:{port}", ssl=True, root_certificates=str(certs.ca),
+                                            **(client_cert if with_cert else {}))
+
+
+async def refused(client: triton_aio.InferenceServerClient) -> str:
+    async with client:
+        with pytest.raises(InferenceServerException) as error:
+            await infer(client)
+    return error.value.status()
+
+
+@pytest.fixture
+def certs(tmp_path) -> Certificates:
+    return make_certificates(tmp_path / "certs")
+
+
+async def test_tls_front_and_admin_with_token(tmp_path, model_server, certs):
+    legacy_url, _ = await model_server(Behaviour(scale_by(2.0)))
+    candidate_url, _ = await model_server(Behaviour(scale_by(3.0)))
+    token_file = tmp_path / "admin-token"
+    token_file.write_text(TOKEN + "\n")
+    served = {"cert_file": str(certs.server_cert), "key_file": str(certs.server_key)}
+    config = write_config(tmp_path, {"tls": served, "admin_tls": served, "admin_token_file": str(token_file)},
+                          remote(legacy_url), remote(candidate_url))
+    gateway = GatewayProcess(config, client_tls={"ssl": True, "root_certificates": str(certs.ca)},
+                             ctl_args=("--ca-file", str(certs.ca)))
+    await gateway.start()
+    try:
+        async with gateway.client() as client:
+            assert await infer(client) == LEGACY
+        assert await refused(triton_aio.InferenceServerClient(f"127.0.0.1:{gateway.grpc_port}")) == \
+            "StatusCode.UNAVAILABLE"
+
+        right = {"SHADOWSERVE_ADMIN_TOKEN": TOKEN}
+        assert (await gateway.ctl_json("status", "m", env=right))["pairs"][0]["shadow_percent"] == 100
+        wrong_file = tmp_path / "wrong-token"
+        wrong_file.write_text("not-the-token\n")
+        for env, args in (({"SHADOWSERVE_ADMIN_TOKEN": "not-the-token"}, ()), ({}, ()),
+                          (right, ("--token-file", str(wrong_file)))):
+            result = await gateway.ctl_run(*args, "set", "m", "--serve", "100", env=env)
+            assert result.returncode == 1 and "UNAUTHENTICATED" in result.stdout, result.stdout + result.stderr
+        status = await gateway.ctl_json("--token-file", str(token_file), "status", "m")
+        assert status["pairs"][0]["serve_percent"] == 0 and status["pairs"][0]["stage"] == "shadow"
+
+        gateway.ctl_args = ()
+        plain = await gateway.ctl_run("status", env=right)
+        assert plain.returncode == 1 and "UNAVAILABLE" in plain.stdout, plain.stdout + plain.stderr
+        gateway.ctl_args = ("--ca-file", str(certs.ca))
+
+        await gateway.ctl("set", "m", "--serve", "100", env=right)
+        assert (await gateway.pair(env=right))["serve_percent"] == 100
+
+        token_file.write_text("rotated-token\n")  # read on every call: no restart
+        assert (await gateway.ctl_run("status", env=right)).returncode == 1
+        assert (await gateway.pair(env={"SHADOWSERVE_ADMIN_TOKEN": "rotated-token"}))["serve_percent"] == 100
+    finally:
+        await gateway.stop()
+    assert gateway.process.returncode == 0, "".join(gateway.output)
+
+
+async def test_mtls_front_refuses_clients_without_certificate_and_follows_rotated_certificates(
+        tmp_path, model_server, certs):
+    legacy_url, _ = await model_server(Behaviour(scale_by(2.0)))
+    live = tmp_path / "live"  # what cert-manager would update in place
+    shutil.copytree(certs.ca.parent, live)
+    tls = {"cert_file": str(live / "server.pem"), "key_file": str(live / "server.key"),
+           "client_ca_file": str(live / "test-ca.pem")}
+    gateway = GatewayProcess(write_config(tmp_path, {"tls": tls}, remote(legacy_url)),
+                             client_tls={"ssl": True, "root_certificates": str(certs.ca),
+                                         "private_key": str(certs.client_key),
+                                         "certificate_chain": str(certs.client_cert)})
+    await gateway.start()
+    try:
+        async with tls_client(gateway.grpc_port, certs, with_cert=True) as client:
+            assert await infer(client) == LEGACY
+        assert await refused(tls_client(gateway.grpc_port, certs, with_cert=False)) == "StatusCode.UNAVAILABLE"
+        other = make_certificates(tmp_path / "other", "other-ca")  # a client signed by a CA the gateway does not trust
+        assert await refused(tls_client(gateway.grpc_port, other, with_cert=True)) == "StatusCode.UNAVAILABLE"
+
+        for name in ("server.pem", "server.key", "test-ca.pem"):  # rotation: every file from the other CA
+            shutil.copy(other.ca.parent / name.replace("test-ca", "other-ca"), live / name)
+        async with tls_client(gateway.grpc_port, other, with_cert=True) as client:
+            assert await infer(client) == LEGACY
+        assert await refused(tls_client(gateway.grpc_port, certs, with_cert=True)) == "StatusCode.UNAVAILABLE"
+    finally:
+        await gateway.stop()
+    assert gateway.process.returncode == 0, "".join(gateway.output)
+
+
+def server_credentials(certs: Certificates) -> grpc.ServerCredentials:
+    """A backend that requires a client certificate from the gateway (mTLS)."""
+    return grpc.ssl_server_credentials([(certs.server_key.read_bytes(), certs.server_cert.read_bytes())],
+                                       root_certificates=certs.ca.read_bytes(), require_client_auth=True)
+
+
+async def test_legacy_and_candidate_reached_over_mtls(tmp_path, certs):
+    legacy, legacy_url, _ = await start_model_server("m", Behaviour(scale_by(2.0)), credentials=server_credentials(certs))
+    candidate, candidate_url, calls = await start_model_server("m", Behaviour(scale_by(3.0)), credentials=server_credentials(certs))
+    tls = {"ca_file": str(certs.ca), "cert_file": str(certs.client_cert), "key_file": str(certs.client_key)}
+    gateway = GatewayProcess(write_config(tmp_path, {}, remote(legacy_url, tls), remote(candidate_url, tls)))
+    try:
+        await gateway.start()
+        async with gateway.client() as client:
+            assert await infer(client) == LEGACY
+        assert (await gateway.pair())["has_candidate"]
+        await gateway.ctl("set", "m", "--serve", "100")
+        async with gateway.client() as client:
+            assert await infer(client) == (X * 3).astype(np.float32).tobytes()
+        assert calls.calls >= 1
+    finally:
+        await gateway.stop()
+        await legacy.stop(0)
+        await candidate.stop(0)
