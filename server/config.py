@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import ssl
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
@@ -79,6 +80,18 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+def check_tls_files(cert_file: Path | None, key_file: Path | None, ca_file: Path | None) -> None:
+    """ValueError unless the files hold a PEM certificate chain with its unencrypted key, and a PEM CA bundle."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    try:
+        if cert_file is not None:
+            context.load_cert_chain(cert_file, key_file, password=b"")
+        if ca_file is not None:
+            context.load_verify_locations(ca_file)
+    except (ssl.SSLError, OSError) as exc:
+        raise ValueError(f"unusable TLS files: {exc}") from None
+
+
 class ListenTLSConfig(Strict):
     """TLS on a port the gateway serves. The files are read again on the first handshake after they change."""
 
@@ -86,6 +99,12 @@ class ListenTLSConfig(Strict):
     key_file: ExistingFile = Field(description="PEM private key of cert_file")
     client_ca_file: ExistingFile | None = Field(
         None, description="PEM CA bundle; when set, clients must present a certificate it signed (mTLS)")
+
+    @model_validator(mode="after")
+    def _usable(self, info: ValidationInfo) -> "ListenTLSConfig":
+        if (info.context or {}).get("check_files", True):
+            check_tls_files(self.cert_file, self.key_file, self.client_ca_file)
+        return self
 
 
 class ChannelTLSConfig(Strict):
@@ -97,9 +116,11 @@ class ChannelTLSConfig(Strict):
     key_file: ExistingFile | None = Field(None, description="PEM private key of cert_file")
 
     @model_validator(mode="after")
-    def _pair(self) -> "ChannelTLSConfig":
+    def _usable(self, info: ValidationInfo) -> "ChannelTLSConfig":
         if (self.cert_file is None) != (self.key_file is None):
             raise ValueError("give cert_file and key_file together")
+        if (info.context or {}).get("check_files", True):
+            check_tls_files(self.cert_file, self.key_file, self.ca_file)
         return self
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import grpc
 
-from server.config import ChannelTLSConfig, ListenTLSConfig
+from server.config import ChannelTLSConfig, ListenTLSConfig, check_tls_files
 
 log = logging.getLogger("shadowserve.transport")
 
@@ -33,10 +33,11 @@ class _CertificateFiles:
     def __call__(self) -> grpc.ServerCertificateConfiguration | None:
         try:
             contents = self._contents()
-        except OSError as exc:  # mid-rotation, say: keep serving with what was read last
-            log.warning("cannot read TLS file %s: %s; keeping the certificate in use", exc.filename, exc.strerror)
-            return None
-        if contents == self.contents:
+            if contents == self.contents:
+                return None
+            check_tls_files(self.tls.cert_file, self.tls.key_file, self.tls.client_ca_file)
+        except (OSError, ValueError) as exc:  # mid-rotation: a file missing, or a key not matching its certificate yet
+            log.warning("TLS files of %s not usable now (%s); keeping the certificate in use", self.tls.cert_file, exc)
             return None
         self.contents = contents
         log.info("TLS files of %s changed: new handshakes use them", self.tls.cert_file)

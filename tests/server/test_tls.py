@@ -3,6 +3,7 @@ a real `shadowserve serve` and real tritonclient clients."""
 
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -12,8 +13,11 @@ import numpy as np
 import pytest
 import tritonclient.grpc.aio as triton_aio
 import yaml
+from tritonclient.grpc import service_pb2 as pb
 from tritonclient.utils import InferenceServerException
 
+from server.config import load_config
+from server.errors import ConfigError
 from tests.support.certs import Certificates, make_certificates
 from tests.support.gateway import LEGACY, X, GatewayProcess
 from tests.support.kserve import Behaviour, scale_by, start_model_server
@@ -140,11 +144,15 @@ def server_credentials(certs: Certificates) -> grpc.ServerCredentials:
                                        root_certificates=certs.ca.read_bytes(), require_client_auth=True)
 
 
-async def test_legacy_and_candidate_reached_over_mtls(tmp_path, certs):
+async def test_remote_legacy_and_triton_candidate_reached_over_mtls(tmp_path, certs):
+    tensor = {"datatype": "FP32", "shape": [-1, 2]}
+    metadata = pb.ModelMetadataResponse(name="m", inputs=[{"name": "x", **tensor}], outputs=[{"name": "y", **tensor}])
     legacy, legacy_url, _ = await start_model_server("m", Behaviour(scale_by(2.0)), credentials=server_credentials(certs))
-    candidate, candidate_url, calls = await start_model_server("m", Behaviour(scale_by(3.0)), credentials=server_credentials(certs))
+    candidate, candidate_url, calls = await start_model_server(
+        "m", Behaviour(scale_by(3.0), metadata=metadata), credentials=server_credentials(certs))
     tls = {"ca_file": str(certs.ca), "cert_file": str(certs.client_cert), "key_file": str(certs.client_key)}
-    gateway = GatewayProcess(write_config(tmp_path, {}, remote(legacy_url, tls), remote(candidate_url, tls)))
+    gateway = GatewayProcess(write_config(tmp_path, {}, remote(legacy_url, tls),
+                                          {**remote(candidate_url, tls), "runtime": "triton"}))
     try:
         await gateway.start()
         async with gateway.client() as client:
@@ -158,3 +166,19 @@ async def test_legacy_and_candidate_reached_over_mtls(tmp_path, certs):
         await gateway.stop()
         await legacy.stop(0)
         await candidate.stop(0)
+
+
+@pytest.mark.parametrize("server, legacy_tls, key", [
+    ({"tls": {"cert_file": "missing.pem", "key_file": "server.key"}}, None, "server.tls.cert_file: Value error, file not found"),
+    ({"admin_tls": {"cert_file": "server.pem", "key_file": "client.key"}}, None, "server.admin_tls: Value error, unusable TLS files"),
+    ({"tls": {"cert_file": "server.pem", "key_file": "server.key", "client_ca_file": "server.key"}}, None,
+     "server.tls: Value error, unusable TLS files"),
+    ({"admin_token_file": "empty-token"}, None, "server.admin_token_file: Value error, empty token file"),
+    ({}, {"cert_file": "client.pem"}, "models[0].legacy.tls: Value error, give cert_file and key_file together"),
+    ({}, {"ca_file": "nowhere.pem"}, "models[0].legacy.tls.ca_file: Value error, file not found"),
+])
+def test_bad_tls_config_fails_at_start_naming_the_key(tmp_path, certs, server, legacy_tls, key):
+    (certs.ca.parent / "empty-token").write_text("\n")
+    path = write_config(certs.ca.parent, server, remote("127.0.0.1:1", legacy_tls))
+    with pytest.raises(ConfigError, match=re.escape(key)):
+        load_config(path)

@@ -33,6 +33,7 @@ class Behaviour:
     busy: bool = False  # burn CPU for delay_s instead of sleeping
     fail_with: grpc.StatusCode | None = None
     calls: int = 0
+    metadata: pb.ModelMetadataResponse | None = None  # what ModelMetadata answers (a Triton adapter asks); else UNIMPLEMENTED
 
 
 class ScriptedModelServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
@@ -47,6 +48,11 @@ class ScriptedModelServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
 
     async def ModelReady(self, request, context):
         return pb.ModelReadyResponse(ready=request.name == self.model)
+
+    async def ModelMetadata(self, request, context):
+        if self.behaviour.metadata is None:
+            return _failed(context, grpc.StatusCode.UNIMPLEMENTED, "no metadata scripted")
+        return self.behaviour.metadata
 
     async def ModelInfer(self, request, context):
         behaviour = self.behaviour
