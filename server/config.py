@@ -108,7 +108,7 @@ class ListenTLSConfig(Strict):
 
 
 class ChannelTLSConfig(Strict):
-    """TLS towards a backend. The files are read when the backend is connected (start-up, retries, reloads)."""
+    """TLS towards a backend. The files are read when the backend is connected: rotating them needs a restart."""
 
     ca_file: ExistingFile | None = Field(None, description="PEM CA bundle that signed the backend's certificate; "
                                          "default: the system's roots")
