@@ -16,7 +16,9 @@ import yaml
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.utils import InferenceServerException
 
-from server.config import load_config
+from protos import admin_pb2, admin_pb2_grpc
+from server.admin import start_admin_server
+from server.config import ServerConfig, load_config
 from server.errors import ConfigError
 from tests.support.certs import Certificates, make_certificates
 from tests.support.gateway import LEGACY, X, GatewayProcess
@@ -109,14 +111,15 @@ async def test_tls_front_and_admin_with_token(tmp_path, model_server, certs):
     assert gateway.process.returncode == 0, "".join(gateway.output)
 
 
+@pytest.mark.parametrize("workers", [1, 2])
 async def test_mtls_front_refuses_clients_without_certificate_and_follows_rotated_certificates(
-        tmp_path, model_server, certs):
+        tmp_path, model_server, certs, workers):
     legacy_url, _ = await model_server(Behaviour(scale_by(2.0)))
     live = tmp_path / "live"  # what cert-manager would update in place
     shutil.copytree(certs.ca.parent, live)
     tls = {"cert_file": str(live / "server.pem"), "key_file": str(live / "server.key"),
            "client_ca_file": str(live / "test-ca.pem")}
-    gateway = GatewayProcess(write_config(tmp_path, {"tls": tls}, remote(legacy_url)),
+    gateway = GatewayProcess(write_config(tmp_path, {"tls": tls, "workers": workers}, remote(legacy_url)),
                              client_tls={"ssl": True, "root_certificates": str(certs.ca),
                                          "private_key": str(certs.client_key),
                                          "certificate_chain": str(certs.client_cert)})
@@ -182,3 +185,18 @@ def test_bad_tls_config_fails_at_start_naming_the_key(tmp_path, certs, server, l
     path = write_config(certs.ca.parent, server, remote("127.0.0.1:1", legacy_tls))
     with pytest.raises(ConfigError, match=re.escape(key)):
         load_config(path)
+
+
+async def test_admin_refuses_every_call_while_the_token_file_is_unreadable(tmp_path):
+    token_file = tmp_path / "admin-token"
+    token_file.write_text(TOKEN)
+    server, port = await start_admin_server(None, ServerConfig(admin_listen="127.0.0.1:0", admin_token_file=token_file))
+    token_file.unlink()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            with pytest.raises(grpc.aio.AioRpcError) as error:
+                await admin_pb2_grpc.ShadowAdminStub(channel).Status(
+                    admin_pb2.StatusRequest(), metadata=[("authorization", f"Bearer {TOKEN}")], timeout=5)
+        assert error.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    finally:
+        await server.stop(0)
