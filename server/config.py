@@ -35,7 +35,6 @@ def _existing_file(path: Path, info: ValidationInfo) -> Path:
 
 
 ExistingFile = Annotated[Path, AfterValidator(_existing_file)]
-ModelFile = ExistingFile
 
 
 def _token_file(path: Path, info: ValidationInfo) -> Path:
@@ -48,6 +47,9 @@ def _token_file(path: Path, info: ValidationInfo) -> Path:
         if not token:
             raise ValueError(f"empty token file: {path}")
     return path
+
+
+TokenFile = Annotated[Path, AfterValidator(_token_file)]
 
 
 def _listen_address(value: str) -> str:
@@ -151,8 +153,8 @@ class BackendConfig(Strict):
 
 class MXNetConfig(BackendConfig):
     runtime: Literal["mxnet"]
-    symbol: ModelFile
-    params: ModelFile
+    symbol: ExistingFile
+    params: ExistingFile
     input_names: list[str] = Field(default_factory=lambda: ["data"])
     context: str = Field("cpu", pattern=r"^(cpu|gpu\(\d+\))$")
     threads: int = Field(1, ge=1, le=64, description="inference threads for this backend")
@@ -160,7 +162,7 @@ class MXNetConfig(BackendConfig):
 
 class TorchConfig(BackendConfig):
     runtime: Literal["torch"]
-    path: ModelFile = Field(description="TorchScript (torch.jit.save) or torch.export (.pt2) program")
+    path: ExistingFile = Field(description="TorchScript (torch.jit.save) or torch.export (.pt2) program")
     device: str = "cpu"
     threads: int = Field(1, ge=1, le=64)
 
@@ -179,11 +181,11 @@ class TritonConfig(RemoteConfig):
 
 class CaffeConfig(BackendConfig):
     runtime: Literal["caffe"]
-    prototxt: ModelFile
-    caffemodel: ModelFile
+    prototxt: ExistingFile
+    caffemodel: ExistingFile
     executor: Literal["auto", "pycaffe", "opencv"] = "auto"
     mean_values: list[float] | None = Field(None, description="per-channel mean subtracted from the input")
-    mean_file: ModelFile | None = Field(None, description=".binaryproto mean blob subtracted from the input")
+    mean_file: ExistingFile | None = Field(None, description=".binaryproto mean blob subtracted from the input")
     raw_scale: float | None = Field(None, description="multiplier applied before mean subtraction")
     input_scale: float | None = Field(None, description="multiplier applied after mean subtraction")
     channel_swap: list[int] | None = Field(None, description="channel order, e.g. [2, 1, 0] for RGB->BGR")
@@ -341,7 +343,7 @@ class ServerConfig(Strict):
     admin_allow_remote: bool = Field(False, description="allow admin_listen on a non-loopback address")
     tls: ListenTLSConfig | None = Field(None, description="TLS on grpc_listen; null: plaintext")
     admin_tls: ListenTLSConfig | None = Field(None, description="TLS on admin_listen; null: plaintext")
-    admin_token_file: Annotated[Path, AfterValidator(_token_file)] | None = Field(
+    admin_token_file: TokenFile | None = Field(
         None, description="file holding the token every admin call must carry (`authorization: Bearer TOKEN`); "
         "read on every call, so a rotated token applies at once; null: no token asked")
     max_message_bytes: int = Field(256 * 1024 * 1024, ge=4 * 1024 * 1024)

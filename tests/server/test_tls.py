@@ -49,10 +49,14 @@ async def infer(client: triton_aio.InferenceServerClient) -> bytes:
     return (await client.infer("m", [tensor], client_timeout=10)).as_numpy("y").tobytes()
 
 
-def tls_client(port: int, certs: Certificates, with_cert: bool) -> triton_aio.InferenceServerClient:
+def client_tls(certs: Certificates, with_cert: bool) -> dict[str, Any]:
+    """tritonclient's TLS arguments: trust the test CA, and present the client certificate `with_cert`."""
     client_cert = {"private_key": str(certs.client_key), "certificate_chain": str(certs.client_cert)}
-    return triton_aio.InferenceServerClient(f"127.0.0.1:{port}", ssl=True, root_certificates=str(certs.ca),
-                                            **(client_cert if with_cert else {}))
+    return {"ssl": True, "root_certificates": str(certs.ca), **(client_cert if with_cert else {})}
+
+
+def tls_client(port: int, certs: Certificates, with_cert: bool) -> triton_aio.InferenceServerClient:
+    return triton_aio.InferenceServerClient(f"127.0.0.1:{port}", **client_tls(certs, with_cert))
 
 
 async def refused(client: triton_aio.InferenceServerClient) -> str:
@@ -67,16 +71,17 @@ def certs(tmp_path) -> Certificates:
     return make_certificates(tmp_path / "certs")
 
 
-async def test_tls_front_and_admin_with_token(tmp_path, model_server, certs):
+async def test_tls_front_and_mtls_admin_with_token(tmp_path, model_server, certs):
     legacy_url, _ = await model_server(Behaviour(scale_by(2.0)))
     candidate_url, _ = await model_server(Behaviour(scale_by(3.0)))
     token_file = tmp_path / "admin-token"
     token_file.write_text(TOKEN + "\n")
     served = {"cert_file": str(certs.server_cert), "key_file": str(certs.server_key)}
-    config = write_config(tmp_path, {"tls": served, "admin_tls": served, "admin_token_file": str(token_file)},
+    admin_mtls = {**served, "client_ca_file": str(certs.ca)}
+    config = write_config(tmp_path, {"tls": served, "admin_tls": admin_mtls, "admin_token_file": str(token_file)},
                           remote(legacy_url), remote(candidate_url))
-    gateway = GatewayProcess(config, client_tls={"ssl": True, "root_certificates": str(certs.ca)},
-                             ctl_args=("--ca-file", str(certs.ca)))
+    ctl_tls = ("--ca-file", str(certs.ca), "--cert-file", str(certs.client_cert), "--key-file", str(certs.client_key))
+    gateway = GatewayProcess(config, client_tls=client_tls(certs, with_cert=False), ctl_args=ctl_tls)
     await gateway.start()
     try:
         async with gateway.client() as client:
@@ -95,10 +100,11 @@ async def test_tls_front_and_admin_with_token(tmp_path, model_server, certs):
         status = await gateway.ctl_json("--token-file", str(token_file), "status", "m")
         assert status["pairs"][0]["serve_percent"] == 0 and status["pairs"][0]["stage"] == "shadow"
 
-        gateway.ctl_args = ()
-        plain = await gateway.ctl_run("status", env=right)
-        assert plain.returncode == 1 and "UNAVAILABLE" in plain.stdout, plain.stdout + plain.stderr
-        gateway.ctl_args = ("--ca-file", str(certs.ca))
+        for ctl_args in ((), ctl_tls[:2]):  # plaintext, and TLS without a client certificate
+            gateway.ctl_args = ctl_args
+            result = await gateway.ctl_run("status", env=right)
+            assert result.returncode == 1 and "UNAVAILABLE" in result.stdout, result.stdout + result.stderr
+        gateway.ctl_args = ctl_tls
 
         await gateway.ctl("set", "m", "--serve", "100", env=right)
         assert (await gateway.pair(env=right))["serve_percent"] == 100
@@ -120,9 +126,7 @@ async def test_mtls_front_refuses_clients_without_certificate_and_follows_rotate
     tls = {"cert_file": str(live / "server.pem"), "key_file": str(live / "server.key"),
            "client_ca_file": str(live / "test-ca.pem")}
     gateway = GatewayProcess(write_config(tmp_path, {"tls": tls, "workers": workers}, remote(legacy_url)),
-                             client_tls={"ssl": True, "root_certificates": str(certs.ca),
-                                         "private_key": str(certs.client_key),
-                                         "certificate_chain": str(certs.client_cert)})
+                             client_tls=client_tls(certs, with_cert=True))
     await gateway.start()
     try:
         async with tls_client(gateway.grpc_port, certs, with_cert=True) as client:
