@@ -10,10 +10,12 @@ from pathlib import Path
 
 import grpc
 from google.protobuf import json_format
+from pydantic import ValidationError
 
 from protos import admin_pb2 as pb
 from protos import admin_pb2_grpc
 from server.config import ChannelTLSConfig
+from server.errors import ConfigError
 from server.transport import channel_credentials
 
 
@@ -86,12 +88,19 @@ def open_channel(args: argparse.Namespace) -> grpc.Channel:
     files = {"ca_file": args.ca_file, "cert_file": args.cert_file, "key_file": args.key_file}
     if not any(files.values()):
         return grpc.insecure_channel(args.admin)
-    return grpc.secure_channel(args.admin, channel_credentials(ChannelTLSConfig(**files)))
+    try:
+        tls = ChannelTLSConfig(**files)
+    except ValidationError as exc:
+        raise ConfigError("ctl TLS options: " + "; ".join(error["msg"] for error in exc.errors())) from None
+    return grpc.secure_channel(args.admin, channel_credentials(tls))
 
 
 def call_metadata(args: argparse.Namespace) -> list[tuple[str, str]]:
     """The admin token from --token-file, else from env SHADOWSERVE_ADMIN_TOKEN; none when neither is set."""
-    token = Path(args.token_file).read_text() if args.token_file else os.environ.get("SHADOWSERVE_ADMIN_TOKEN", "")
+    try:
+        token = Path(args.token_file).read_text() if args.token_file else os.environ.get("SHADOWSERVE_ADMIN_TOKEN", "")
+    except OSError as exc:
+        raise ConfigError(f"--token-file {args.token_file}: {exc.strerror}") from None
     return [("authorization", f"Bearer {token.strip()}")] if token.strip() else []
 
 

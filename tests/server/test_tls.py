@@ -18,6 +18,7 @@ from tritonclient.utils import InferenceServerException
 
 from protos import admin_pb2, admin_pb2_grpc
 from server.admin import start_admin_server
+from server.cli import main
 from server.config import ServerConfig, load_config
 from server.errors import ConfigError
 from tests.support.certs import Certificates, make_certificates
@@ -204,3 +205,13 @@ async def test_admin_refuses_every_call_while_the_token_file_is_unreadable(tmp_p
         assert error.value.code() == grpc.StatusCode.UNAUTHENTICATED
     finally:
         await server.stop(0)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--ca-file", "/nonexistent/ca.pem"], "file not found: /nonexistent/ca.pem"),
+    (["--cert-file", __file__], "give cert_file and key_file together"),
+    (["--token-file", "/nonexistent/token"], "--token-file /nonexistent/token: No such file or directory"),
+])
+def test_ctl_names_a_bad_tls_or_token_option(capsys, args, message):
+    assert main(["ctl", "--admin", "127.0.0.1:1", *args, "status"]) == 2
+    assert message in capsys.readouterr().err
