@@ -94,7 +94,7 @@ class AdminServicer(admin_pb2_grpc.ShadowAdminServicer):
 
 
 class TokenInterceptor(grpc.aio.ServerInterceptor):
-    """Every call must carry `authorization: Bearer TOKEN`; the file is read per call, so a rotated token applies at once."""
+    """Every call must carry `authorization: Bearer TOKEN`; the file is read per call, so a new token applies at once."""
 
     def __init__(self, token_file: Path) -> None:
         self.token_file = token_file

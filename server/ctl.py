@@ -127,7 +127,8 @@ def run(args: argparse.Namespace) -> int:
             elif args.action == "promote":
                 pair = admin.Promote(pb.PromoteRequest(model=args.model, source="cli", reason=args.reason), **call)
             else:
-                pair = admin.Rollback(pb.RollbackRequest(model=args.model, source="cli", reason=args.reason or "manual"), **call)
+                request = pb.RollbackRequest(model=args.model, source="cli", reason=args.reason or "manual")
+                pair = admin.Rollback(request, **call)
         except grpc.RpcError as error:
             if output == "json":
                 print_json({"error": {"code": error.code().name, "message": error.details()}})

@@ -155,7 +155,8 @@ def server_credentials(certs: Certificates) -> grpc.ServerCredentials:
 async def test_remote_legacy_and_triton_candidate_reached_over_mtls(tmp_path, certs):
     tensor = {"datatype": "FP32", "shape": [-1, 2]}
     metadata = pb.ModelMetadataResponse(name="m", inputs=[{"name": "x", **tensor}], outputs=[{"name": "y", **tensor}])
-    legacy, legacy_url, _ = await start_model_server("m", Behaviour(scale_by(2.0)), credentials=server_credentials(certs))
+    legacy, legacy_url, _ = await start_model_server(
+        "m", Behaviour(scale_by(2.0)), credentials=server_credentials(certs))
     candidate, candidate_url, calls = await start_model_server(
         "m", Behaviour(scale_by(3.0), metadata=metadata), credentials=server_credentials(certs))
     tls = {"ca_file": str(certs.ca), "cert_file": str(certs.client_cert), "key_file": str(certs.client_key)}
@@ -177,8 +178,10 @@ async def test_remote_legacy_and_triton_candidate_reached_over_mtls(tmp_path, ce
 
 
 @pytest.mark.parametrize("server, legacy_tls, key", [
-    ({"tls": {"cert_file": "missing.pem", "key_file": "server.key"}}, None, "server.tls.cert_file: Value error, file not found"),
-    ({"admin_tls": {"cert_file": "server.pem", "key_file": "client.key"}}, None, "server.admin_tls: Value error, unusable TLS files"),
+    ({"tls": {"cert_file": "missing.pem", "key_file": "server.key"}}, None,
+     "server.tls.cert_file: Value error, file not found"),
+    ({"admin_tls": {"cert_file": "server.pem", "key_file": "client.key"}}, None,
+     "server.admin_tls: Value error, unusable TLS files"),
     ({"tls": {"cert_file": "server.pem", "key_file": "server.key", "client_ca_file": "server.key"}}, None,
      "server.tls: Value error, unusable TLS files"),
     ({"admin_token_file": "empty-token"}, None, "server.admin_token_file: Value error, empty token file"),

@@ -33,7 +33,7 @@ class Behaviour:
     busy: bool = False  # burn CPU for delay_s instead of sleeping
     fail_with: grpc.StatusCode | None = None
     calls: int = 0
-    metadata: pb.ModelMetadataResponse | None = None  # what ModelMetadata answers (a Triton adapter asks); else UNIMPLEMENTED
+    metadata: pb.ModelMetadataResponse | None = None  # ModelMetadata's answer (a Triton adapter asks); else UNIMPLEMENTED
 
 
 class ScriptedModelServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
