@@ -15,8 +15,8 @@ from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc
 
 from server import __version__
-from server.config import ListenTLSConfig
 from server.codec import decode_inputs, encode_response, requested_outputs, shown
+from server.config import ListenTLSConfig
 from server.dispatch import Dispatcher, ModelPair
 from server.errors import InvalidRequest, ModelNotFound, ResourceExhausted, ShadowServeError, Unsupported
 from server.tensors import InferRequest
