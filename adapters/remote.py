@@ -11,6 +11,7 @@ from adapters.base import Backend
 from server.codec import decode_outputs, encode_request
 from server.config import RemoteConfig
 from server.errors import BackendError, BackendTimeout, ShadowServeError
+from server.transport import open_channel
 
 # Generous enough for 64 MiB tensors each way; gRPC's 4 MiB default would reject them.
 MAX_MESSAGE_BYTES = 512 * 1024 * 1024
@@ -48,7 +49,7 @@ class RemoteBackend(Backend):
 
     def _open(self) -> service_pb2_grpc.GRPCInferenceServiceStub:
         if self._stub is None:
-            self._channel = grpc.aio.insecure_channel(self.config.url, options=CHANNEL_OPTIONS)
+            self._channel = open_channel(self.config.url, self.config.tls, CHANNEL_OPTIONS)
             self._stub = service_pb2_grpc.GRPCInferenceServiceStub(self._channel)
         return self._stub
 

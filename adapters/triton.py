@@ -9,6 +9,7 @@ from tritonclient.utils import InferenceServerException
 from adapters.remote import CHANNEL_OPTIONS, RemoteBackend
 from server.config import TensorConfig, TritonConfig
 from server.errors import BackendError, BackendTimeout, ConfigError
+from server.transport import channel_credentials
 
 LOAD_TIMEOUT_S = 5.0
 
@@ -45,7 +46,8 @@ class TritonBackend(RemoteBackend):
 
     async def load(self) -> None:
         if self._client is None:
-            self._client = triton_aio.InferenceServerClient(self.config.url, channel_args=CHANNEL_OPTIONS)
+            creds = channel_credentials(self.config.tls) if self.config.tls is not None else None
+            self._client = triton_aio.InferenceServerClient(self.config.url, creds=creds, channel_args=CHANNEL_OPTIONS)
         model, version = self.config.model, self.config.version
         where = f"Triton at {self.config.url} model {model!r}"
         try:

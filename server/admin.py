@@ -3,17 +3,23 @@
 from __future__ import annotations
 
 import dataclasses
+import hmac
+import logging
+from pathlib import Path
 
 import grpc
 
 from protos import admin_pb2 as pb
 from protos import admin_pb2_grpc
-from server.config import is_loopback
+from server.config import ServerConfig, is_loopback
 from server.desired_state import Persistence
 from server.dispatch import ModelPair
 from server.errors import ConfigError, InvalidRequest
 from server.grpc_front import StatusInterceptor
 from server.rollout import RolloutController
+from server.transport import add_port
+
+log = logging.getLogger("shadowserve.admin")
 
 
 def pair_status(pair: ModelPair, last_rollback_reason: str = "", persistence: Persistence | None = None) -> pb.PairStatus:
@@ -87,11 +93,41 @@ class AdminServicer(admin_pb2_grpc.ShadowAdminServicer):
         return self._changed(self.controller.rollback(request.model, request.source or "api", request.reason or "manual"))
 
 
-async def start_admin_server(controller: RolloutController, listen: str, allow_remote: bool) -> tuple[grpc.aio.Server, int]:
-    if not allow_remote and not is_loopback(listen):
+class TokenInterceptor(grpc.aio.ServerInterceptor):
+    """Every call must carry `authorization: Bearer TOKEN`; the file is read per call, so a new token applies at once."""
+
+    def __init__(self, token_file: Path) -> None:
+        self.token_file = token_file
+
+    def _expected(self) -> bytes | None:
+        try:
+            return self.token_file.read_bytes().strip()
+        except OSError as exc:
+            log.error("cannot read server.admin_token_file %s: %s; refusing admin calls", self.token_file, exc.strerror)
+            return None
+
+    async def intercept_service(self, continuation, details):
+        sent = dict(details.invocation_metadata or ()).get("authorization", "")
+        expected = self._expected()
+        if expected and hmac.compare_digest(sent.encode(), b"Bearer " + expected):
+            return await continuation(details)
+        return grpc.unary_unary_rpc_method_handler(_unauthenticated)
+
+
+async def _unauthenticated(request, context) -> None:
+    context.set_code(grpc.StatusCode.UNAUTHENTICATED)  # a status, not abort(): as the front, no exception cycle
+    context.set_details("missing or wrong admin token (authorization: Bearer TOKEN)")
+
+
+async def start_admin_server(controller: RolloutController, settings: ServerConfig) -> tuple[grpc.aio.Server, int]:
+    listen = settings.admin_listen
+    if not settings.admin_allow_remote and not is_loopback(listen):
         raise ConfigError(f"server.admin_listen {listen} is not loopback; set server.admin_allow_remote to expose it")
-    server = grpc.aio.server(interceptors=[StatusInterceptor()])
+    interceptors: list[grpc.aio.ServerInterceptor] = [StatusInterceptor()]
+    if settings.admin_token_file is not None:
+        interceptors.insert(0, TokenInterceptor(settings.admin_token_file))
+    server = grpc.aio.server(interceptors=interceptors)
     admin_pb2_grpc.add_ShadowAdminServicer_to_server(AdminServicer(controller), server)
-    port = server.add_insecure_port(listen)
+    port = add_port(server, listen, settings.admin_tls)
     await server.start()
     return server, port

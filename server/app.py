@@ -85,7 +85,8 @@ class Gateway:
         if self.engine is not None:
             await asyncio.to_thread(self.engine.start)
         await self.dispatcher.start()
-        front, self.grpc_port, health = await start_grpc_server(self.dispatcher, server.grpc_listen, server.max_message_bytes)
+        front, self.grpc_port, health = await start_grpc_server(
+            self.dispatcher, server.grpc_listen, server.max_message_bytes, server.tls)
         self._servers = [front]
         self._tasks.append(asyncio.get_running_loop().create_task(self._refresh_health(health)))
         if self.serve_metrics:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import ssl
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
@@ -33,7 +34,22 @@ def _existing_file(path: Path, info: ValidationInfo) -> Path:
     return path
 
 
-ModelFile = Annotated[Path, AfterValidator(_existing_file)]
+ExistingFile = Annotated[Path, AfterValidator(_existing_file)]
+
+
+def _token_file(path: Path, info: ValidationInfo) -> Path:
+    path = _existing_file(path, info)
+    if (info.context or {}).get("check_files", True):
+        try:
+            token = path.read_text().strip()
+        except OSError as exc:
+            raise ValueError(f"cannot read {path}: {exc.strerror}") from None
+        if not token:
+            raise ValueError(f"empty token file: {path}")
+    return path
+
+
+TokenFile = Annotated[Path, AfterValidator(_token_file)]
 
 
 def _listen_address(value: str) -> str:
@@ -66,6 +82,50 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+def check_tls_files(cert_file: Path | None, key_file: Path | None, ca_file: Path | None) -> None:
+    """ValueError unless the files hold a PEM certificate chain with its unencrypted key, and a PEM CA bundle."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    try:
+        if cert_file is not None:
+            context.load_cert_chain(cert_file, key_file, password=b"")
+        if ca_file is not None:
+            context.load_verify_locations(ca_file)
+    except (ssl.SSLError, OSError) as exc:
+        raise ValueError(f"unusable TLS files: {exc}") from None
+
+
+class ListenTLSConfig(Strict):
+    """TLS on a port the gateway serves. The files are read again on the first handshake after they change."""
+
+    cert_file: ExistingFile = Field(description="PEM certificate chain the port presents")
+    key_file: ExistingFile = Field(description="PEM private key of cert_file")
+    client_ca_file: ExistingFile | None = Field(
+        None, description="PEM CA bundle; when set, clients must present a certificate it signed (mTLS)")
+
+    @model_validator(mode="after")
+    def _usable(self, info: ValidationInfo) -> "ListenTLSConfig":
+        if (info.context or {}).get("check_files", True):
+            check_tls_files(self.cert_file, self.key_file, self.client_ca_file)
+        return self
+
+
+class ChannelTLSConfig(Strict):
+    """TLS towards a backend. The files are read when the backend is connected: rotating them needs a restart."""
+
+    ca_file: ExistingFile | None = Field(None, description="PEM CA bundle that signed the backend's certificate; "
+                                         "default: the system's roots")
+    cert_file: ExistingFile | None = Field(None, description="PEM client certificate, for a backend that wants mTLS")
+    key_file: ExistingFile | None = Field(None, description="PEM private key of cert_file")
+
+    @model_validator(mode="after")
+    def _usable(self, info: ValidationInfo) -> "ChannelTLSConfig":
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("give cert_file and key_file together")
+        if (info.context or {}).get("check_files", True):
+            check_tls_files(self.cert_file, self.key_file, self.ca_file)
+        return self
+
+
 class TensorConfig(Strict):
     """A tensor the pair exposes to clients."""
 
@@ -93,8 +153,8 @@ class BackendConfig(Strict):
 
 class MXNetConfig(BackendConfig):
     runtime: Literal["mxnet"]
-    symbol: ModelFile
-    params: ModelFile
+    symbol: ExistingFile
+    params: ExistingFile
     input_names: list[str] = Field(default_factory=lambda: ["data"])
     context: str = Field("cpu", pattern=r"^(cpu|gpu\(\d+\))$")
     threads: int = Field(1, ge=1, le=64, description="inference threads for this backend")
@@ -102,7 +162,7 @@ class MXNetConfig(BackendConfig):
 
 class TorchConfig(BackendConfig):
     runtime: Literal["torch"]
-    path: ModelFile = Field(description="TorchScript (torch.jit.save) or torch.export (.pt2) program")
+    path: ExistingFile = Field(description="TorchScript (torch.jit.save) or torch.export (.pt2) program")
     device: str = "cpu"
     threads: int = Field(1, ge=1, le=64)
 
@@ -112,6 +172,7 @@ class RemoteConfig(BackendConfig):
     url: str = Field(min_length=3, description="HOST:PORT of a KServe v2 gRPC endpoint")
     model: str = Field(min_length=1)
     version: str = ""
+    tls: ChannelTLSConfig | None = Field(None, description="connect over TLS; null: plaintext")
 
 
 class TritonConfig(RemoteConfig):
@@ -120,11 +181,11 @@ class TritonConfig(RemoteConfig):
 
 class CaffeConfig(BackendConfig):
     runtime: Literal["caffe"]
-    prototxt: ModelFile
-    caffemodel: ModelFile
+    prototxt: ExistingFile
+    caffemodel: ExistingFile
     executor: Literal["auto", "pycaffe", "opencv"] = "auto"
     mean_values: list[float] | None = Field(None, description="per-channel mean subtracted from the input")
-    mean_file: ModelFile | None = Field(None, description=".binaryproto mean blob subtracted from the input")
+    mean_file: ExistingFile | None = Field(None, description=".binaryproto mean blob subtracted from the input")
     raw_scale: float | None = Field(None, description="multiplier applied before mean subtraction")
     input_scale: float | None = Field(None, description="multiplier applied after mean subtraction")
     channel_swap: list[int] | None = Field(None, description="channel order, e.g. [2, 1, 0] for RGB->BGR")
@@ -280,6 +341,11 @@ class ServerConfig(Strict):
     metrics_listen: ListenAddress = "0.0.0.0:8002"
     admin_listen: ListenAddress = "127.0.0.1:8003"
     admin_allow_remote: bool = Field(False, description="allow admin_listen on a non-loopback address")
+    tls: ListenTLSConfig | None = Field(None, description="TLS on grpc_listen; null: plaintext")
+    admin_tls: ListenTLSConfig | None = Field(None, description="TLS on admin_listen; null: plaintext")
+    admin_token_file: TokenFile | None = Field(
+        None, description="file holding the token every admin call must carry (`authorization: Bearer TOKEN`); "
+        "read on every call, so a rotated token applies at once; null: no token asked")
     max_message_bytes: int = Field(256 * 1024 * 1024, ge=4 * 1024 * 1024)
     max_shadow_in_flight: int = Field(64, ge=1, description="shadow calls beyond this are skipped")
     max_comparisons_queued: int = Field(256, ge=1, description="comparisons beyond this are skipped")

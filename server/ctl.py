@@ -6,12 +6,17 @@ import argparse
 import datetime
 import json
 import os
+from pathlib import Path
 
 import grpc
 from google.protobuf import json_format
+from pydantic import ValidationError
 
 from protos import admin_pb2 as pb
 from protos import admin_pb2_grpc
+from server.config import ChannelTLSConfig
+from server.errors import ConfigError
+from server.transport import channel_credentials
 
 
 def _rate(message, field: str) -> str:
@@ -78,13 +83,35 @@ def print_json(data: dict) -> None:
     print(json.dumps(data, indent=2))
 
 
+def open_channel(args: argparse.Namespace) -> grpc.Channel:
+    """TLS when any of --ca-file, --cert-file, --key-file is given; plaintext otherwise."""
+    files = {"ca_file": args.ca_file, "cert_file": args.cert_file, "key_file": args.key_file}
+    if not any(files.values()):
+        return grpc.insecure_channel(args.admin)
+    try:
+        tls = ChannelTLSConfig(**files)
+    except ValidationError as exc:
+        raise ConfigError("ctl TLS options: " + "; ".join(error["msg"] for error in exc.errors())) from None
+    return grpc.secure_channel(args.admin, channel_credentials(tls))
+
+
+def call_metadata(args: argparse.Namespace) -> list[tuple[str, str]]:
+    """The admin token from --token-file, else from env SHADOWSERVE_ADMIN_TOKEN; none when neither is set."""
+    try:
+        token = Path(args.token_file).read_text() if args.token_file else os.environ.get("SHADOWSERVE_ADMIN_TOKEN", "")
+    except OSError as exc:
+        raise ConfigError(f"--token-file {args.token_file}: {exc.strerror}") from None
+    return [("authorization", f"Bearer {token.strip()}")] if token.strip() else []
+
+
 def run(args: argparse.Namespace) -> int:
     output = args.output
-    with grpc.insecure_channel(args.admin) as channel:
+    call = {"timeout": args.timeout, "metadata": call_metadata(args)}
+    with open_channel(args) as channel:
         admin = admin_pb2_grpc.ShadowAdminStub(channel)
         try:
             if args.action == "status":
-                reply = admin.Status(pb.StatusRequest(model=args.model or "", include_history=args.history), timeout=args.timeout)
+                reply = admin.Status(pb.StatusRequest(model=args.model or "", include_history=args.history), **call)
                 if output == "json":
                     print_json(as_json(reply))
                 else:
@@ -96,12 +123,12 @@ def run(args: argparse.Namespace) -> int:
                     request.shadow_percent = args.shadow
                 if args.serve is not None:
                     request.serve_percent = args.serve
-                pair = admin.SetPercentages(request, timeout=args.timeout)
+                pair = admin.SetPercentages(request, **call)
             elif args.action == "promote":
-                pair = admin.Promote(pb.PromoteRequest(model=args.model, source="cli", reason=args.reason), timeout=args.timeout)
+                pair = admin.Promote(pb.PromoteRequest(model=args.model, source="cli", reason=args.reason), **call)
             else:
-                pair = admin.Rollback(pb.RollbackRequest(model=args.model, source="cli", reason=args.reason or "manual"),
-                                      timeout=args.timeout)
+                request = pb.RollbackRequest(model=args.model, source="cli", reason=args.reason or "manual")
+                pair = admin.Rollback(request, **call)
         except grpc.RpcError as error:
             if output == "json":
                 print_json({"error": {"code": error.code().name, "message": error.details()}})
@@ -119,6 +146,11 @@ def add_parser(commands) -> None:
     ctl = commands.add_parser("ctl", help="rollout status and control of a running gateway")
     ctl.add_argument("--admin", default=os.environ.get("SHADOWSERVE_ADMIN", "127.0.0.1:8003"), help="admin address HOST:PORT (env SHADOWSERVE_ADMIN)")
     ctl.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the gateway")
+    ctl.add_argument("--token-file", help="file holding the admin token (default: env SHADOWSERVE_ADMIN_TOKEN)")
+    ctl.add_argument("--ca-file", help="PEM CA bundle that signed the admin's certificate; any of the TLS options "
+                     "turns TLS on")
+    ctl.add_argument("--cert-file", help="PEM client certificate, for an admin that requires one (mTLS)")
+    ctl.add_argument("--key-file", help="PEM private key of --cert-file")
     output_help = "text (default), or json: the reply as JSON, for scripts"
     ctl.add_argument("-o", "--output", choices=["text", "json"], default="text", help=output_help)
     output = argparse.ArgumentParser(add_help=False)  # -o also after the action: `ctl status -o json`

@@ -133,7 +133,7 @@ class Engine:
         server = self.config.server
         for ring in self.shared.rings:
             ring.forget_unjudged()
-        self._admin, self.admin_port = await start_admin_server(self.rollout, server.admin_listen, server.admin_allow_remote)
+        self._admin, self.admin_port = await start_admin_server(self.rollout, server)
         self._candidates = await start_candidate_service(self, self.shared.engine_address, server.max_message_bytes)
         await asyncio.gather(*(self.loader.load(pair.name, "candidate", pair.candidate, required=False)
                                for pair in self.by_index if pair.candidate is not None))

@@ -16,9 +16,11 @@ from tritonclient.grpc import service_pb2_grpc
 
 from server import __version__
 from server.codec import decode_inputs, encode_response, requested_outputs, shown
+from server.config import ListenTLSConfig
 from server.dispatch import Dispatcher, ModelPair
 from server.errors import InvalidRequest, ModelNotFound, ResourceExhausted, ShadowServeError, Unsupported
 from server.tensors import InferRequest
+from server.transport import add_port
 
 log = logging.getLogger("shadowserve.front")
 
@@ -352,7 +354,7 @@ def describe_pair(pair: ModelPair) -> str:
 
 
 async def start_grpc_server(
-    dispatcher: Dispatcher, listen: str, max_message_bytes: int
+    dispatcher: Dispatcher, listen: str, max_message_bytes: int, tls: ListenTLSConfig | None = None
 ) -> tuple[grpc.aio.Server, int, health.aio.HealthServicer]:
     """Start the front on `listen` (port 0 picks a free port); returns the server and bound port."""
     server = grpc.aio.server(
@@ -366,7 +368,7 @@ async def start_grpc_server(
     service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(dispatcher), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    port = server.add_insecure_port(listen)
+    port = add_port(server, listen, tls)
     if port == 0:
         raise OSError(f"cannot bind the gRPC front to {listen}")
     await server.start()

@@ -15,6 +15,7 @@ import yaml
 from protos import admin_pb2 as pb
 from protos import admin_pb2_grpc
 from server.admin import start_admin_server
+from server.config import ServerConfig
 from server.dispatch import ROUTING_BUCKETS, routing_bucket
 from server.errors import ConfigError
 from tests.conftest import running_gateway, sample
@@ -309,4 +310,4 @@ async def test_promote_walks_the_stages_and_admin_errors_are_clear(backends):
 
 async def test_admin_refuses_non_loopback_unless_allowed():
     with pytest.raises(ConfigError, match="admin_allow_remote"):
-        await start_admin_server(None, "0.0.0.0:0", allow_remote=False)
+        await start_admin_server(None, ServerConfig.model_construct(admin_listen="0.0.0.0:0", admin_allow_remote=False))

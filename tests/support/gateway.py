@@ -31,8 +31,11 @@ async def eventually(check: Callable[[], Awaitable[bool]], timeout_s: float = 30
 class GatewayProcess:
     """`shadowserve serve` in a process of its own; ports read back from its start-up log line."""
 
-    def __init__(self, config: Path, env: dict[str, str] | None = None, args: tuple[str, ...] = ()) -> None:
+    def __init__(self, config: Path, env: dict[str, str] | None = None, args: tuple[str, ...] = (),
+                 client_tls: dict[str, Any] | None = None, ctl_args: tuple[str, ...] = ()) -> None:
+        """`client_tls`: tritonclient's TLS arguments (ssl, root_certificates, ...); `ctl_args`: given to every ctl."""
         self.config, self.env, self.args = config, env, args
+        self.client_tls, self.ctl_args = client_tls or {}, ctl_args
         self.output: list[str] = []
         self.process: asyncio.subprocess.Process | None = None
         self._drain: asyncio.Task | None = None
@@ -65,7 +68,7 @@ class GatewayProcess:
             await self._drain
 
     def client(self) -> triton_aio.InferenceServerClient:
-        return triton_aio.InferenceServerClient(f"127.0.0.1:{self.grpc_port}")
+        return triton_aio.InferenceServerClient(f"127.0.0.1:{self.grpc_port}", **self.client_tls)
 
     async def sides(self, keys: list[str]) -> list[str]:
         """Which side answered each key: "legacy" or "candidate"."""
@@ -78,17 +81,22 @@ class GatewayProcess:
                 answers.append("legacy" if result.as_numpy("y").tobytes() == LEGACY else "candidate")
             return answers
 
-    async def ctl(self, *args: str) -> str:
-        command = [sys.executable, "-m", "server.cli", "ctl", "--admin", f"127.0.0.1:{self.admin_port}", *args]
-        result = await asyncio.to_thread(subprocess.run, command, capture_output=True, text=True, timeout=60)
+    async def ctl_run(self, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+        command = [sys.executable, "-m", "server.cli", "ctl", "--admin", f"127.0.0.1:{self.admin_port}",
+                   *self.ctl_args, *args]
+        return await asyncio.to_thread(subprocess.run, command, capture_output=True, text=True, timeout=60,
+                                       env={**os.environ, **(env or {})})
+
+    async def ctl(self, *args: str, env: dict[str, str] | None = None) -> str:
+        result = await self.ctl_run(*args, env=env)
         assert result.returncode == 0, result.stdout + result.stderr
         return result.stdout
 
-    async def ctl_json(self, *args: str) -> dict[str, Any]:
-        return json.loads(await self.ctl("-o", "json", *args))
+    async def ctl_json(self, *args: str, env: dict[str, str] | None = None) -> dict[str, Any]:
+        return json.loads(await self.ctl("-o", "json", *args, env=env))
 
-    async def pair(self) -> dict[str, Any]:
-        return (await self.ctl_json("status", "m"))["pairs"][0]
+    async def pair(self, env: dict[str, str] | None = None) -> dict[str, Any]:
+        return (await self.ctl_json("status", "m", env=env))["pairs"][0]
 
     def scrape(self) -> str:
         with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=10) as reply:

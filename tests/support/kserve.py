@@ -33,6 +33,7 @@ class Behaviour:
     busy: bool = False  # burn CPU for delay_s instead of sleeping
     fail_with: grpc.StatusCode | None = None
     calls: int = 0
+    metadata: pb.ModelMetadataResponse | None = None  # ModelMetadata's answer (a Triton adapter asks); else UNIMPLEMENTED
 
 
 class ScriptedModelServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
@@ -47,6 +48,11 @@ class ScriptedModelServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
 
     async def ModelReady(self, request, context):
         return pb.ModelReadyResponse(ready=request.name == self.model)
+
+    async def ModelMetadata(self, request, context):
+        if self.behaviour.metadata is None:
+            return _failed(context, grpc.StatusCode.UNIMPLEMENTED, "no metadata scripted")
+        return self.behaviour.metadata
 
     async def ModelInfer(self, request, context):
         behaviour = self.behaviour
@@ -75,13 +81,15 @@ def _failed(context, code: grpc.StatusCode, details: str) -> None:
     context.set_details(details)
 
 
-async def start_model_server(model: str, behaviour: Behaviour | None = None,
-                             port: int = 0) -> tuple[grpc.aio.Server, str, Behaviour]:
+async def start_model_server(model: str, behaviour: Behaviour | None = None, port: int = 0,
+                             credentials: grpc.ServerCredentials | None = None) -> tuple[grpc.aio.Server, str, Behaviour]:
+    """`credentials`: serve TLS with them; plaintext by default."""
     behaviour = behaviour or Behaviour()
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", 512 << 20),
                                       ("grpc.max_send_message_length", 512 << 20)])
     service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(ScriptedModelServicer(model, behaviour), server)
-    port = server.add_insecure_port(f"127.0.0.1:{port}")
+    listen = f"127.0.0.1:{port}"
+    port = server.add_insecure_port(listen) if credentials is None else server.add_secure_port(listen, credentials)
     await server.start()
     return server, f"127.0.0.1:{port}", behaviour
 
