@@ -38,6 +38,14 @@ class Spin(torch.nn.Module):
         return x * 2 + total * 0
 
 
+class Hog(torch.nn.Module):
+    """Reserves 8 GiB on every call without touching it: only an address-space limit refuses that."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        hog = torch.empty([2_147_483_648])
+        return x * 2 + hog[:1] * 0
+
+
 def torchscript(module: torch.nn.Module, path) -> str:
     torch.jit.save(torch.jit.script(module), str(path))
     return str(path)
@@ -171,3 +179,19 @@ async def test_a_stopped_engine_bounds_the_candidate_answers_served_unjudged(leg
             answers += [await ask(client) for _ in range(3)]
             assert served("candidate") == 1 + 5 + 3
     assert set(answers) == {LEGACY}
+
+
+async def test_an_in_process_candidate_past_the_engine_memory_limit_is_stopped_and_counted(legacy_url, tmp_path):
+    candidate = {"runtime": "torch", "path": torchscript(Hog(), tmp_path / "hog.pt"), "timeout_s": 30}
+    config = {"server": {"engine": {"memory_limit_bytes": 6 * 1024 ** 3}},
+              "models": [pair(legacy_url, candidate, shadow_percent=100)]}
+    async with running_gateway(config) as gateway:
+        registry = gateway.registry
+        errors = lambda: sample(registry, "shadowserve_shadow_skipped_total", model="m", reason="error")  # noqa: E731
+        async with triton_aio.InferenceServerClient(f"127.0.0.1:{gateway.grpc_port}") as client:
+            await wait_for(lambda: sample(registry, "shadowserve_engine_up") == 1, timeout_s=60)
+            answers = [await ask(client) for _ in range(3)]
+            await wait_for(lambda: errors() == 3, timeout_s=60)
+            assert sample(registry, "shadowserve_backend_errors_total", model="m", role="candidate", code="INTERNAL") == 3
+            assert sample(registry, "shadowserve_engine_restarts_total") == 0
+    assert answers == [LEGACY] * 3
