@@ -19,6 +19,7 @@ from server.codec import decode_inputs, encode_response, requested_outputs, show
 from server.config import ListenTLSConfig
 from server.dispatch import Dispatcher, ModelPair
 from server.errors import InvalidRequest, ModelNotFound, ResourceExhausted, ShadowServeError, Unsupported
+from server.memory import MemoryReturner
 from server.tensors import InferRequest
 from server.transport import add_port
 
@@ -156,6 +157,7 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         self.dispatcher = dispatcher
         self._statistics = {name: _Statistics() for name in dispatcher.pairs}
         self._in_flight = dict.fromkeys(dispatcher.pairs, 0)
+        self.memory = MemoryReturner()
 
     # -- health and metadata ----------------------------------------------------------------
 
@@ -251,7 +253,10 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
     # -- inference ----------------------------------------------------------------------------
 
     async def ModelInfer(self, request, context):
-        return await self._infer(request, context.time_remaining())
+        try:
+            return await self._infer(request, context.time_remaining())
+        finally:
+            self.memory.handled(request.ByteSize())
 
     async def _infer(self, request: pb.ModelInferRequest, deadline_s: float | None) -> pb.ModelInferResponse:
         start = time.perf_counter_ns()
