@@ -6,6 +6,8 @@ import asyncio
 import os
 import re
 import signal
+import subprocess
+import sys
 from pathlib import Path
 from typing import Callable
 
@@ -30,13 +32,17 @@ DRAIN_S = 8.0  # long enough for the checks made during the drain on a loaded ma
 LEGACY_OF_ONES = np.full((1, 2), 2.0, np.float32).tobytes()  # what infer_on_fresh_channels gets from the legacy
 
 
-def write_config(tmp_path: Path, legacy_url: str, **server) -> Path:
+def remote(url: str) -> dict:
+    return {"runtime": "remote", "url": url, "model": "m", "timeout_s": 300}
+
+
+def write_config(tmp_path: Path, legacy: dict, **server) -> Path:
     config = {
         "server": {"grpc_listen": "127.0.0.1:0", "metrics_listen": "127.0.0.1:0", "admin_listen": "127.0.0.1:0",
                    **server},
         "models": [{"name": "m", "inputs": [{"name": "x", "datatype": "FP32", "shape": [-1, 2]}],
                     "outputs": [{"name": "y", "datatype": "FP32", "shape": [-1, 2]}],
-                    "legacy": {"runtime": "remote", "url": legacy_url, "model": "m", "timeout_s": 300}}],
+                    "legacy": legacy}],
     }
     path = tmp_path / "shadow.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -120,7 +126,7 @@ async def test_sigterm_turns_health_off_keeps_answering_for_drain_s_then_finishe
         tmp_path, model_server, workers):
     url, legacy = await model_server(Behaviour(scale_by(2.0), gate=asyncio.Event()))
     legacy.gate.set()
-    gateway = GatewayProcess(write_config(tmp_path, url, workers=workers, drain_s=DRAIN_S, grace_s=300))
+    gateway = GatewayProcess(write_config(tmp_path, remote(url), workers=workers, drain_s=DRAIN_S, grace_s=300))
     await gateway.start()
     try:
         port = gateway.grpc_port
@@ -148,7 +154,7 @@ async def test_sigterm_turns_health_off_keeps_answering_for_drain_s_then_finishe
 async def test_a_second_signal_stops_at_once(tmp_path, model_server, workers, second):
     url, legacy = await model_server(Behaviour(scale_by(2.0), gate=asyncio.Event()))
     legacy.gate.set()
-    gateway = GatewayProcess(write_config(tmp_path, url, workers=workers, drain_s=600, grace_s=600))
+    gateway = GatewayProcess(write_config(tmp_path, remote(url), workers=workers, drain_s=600, grace_s=600))
     await gateway.start()
     try:
         gateway.process.send_signal(signal.SIGTERM)
@@ -166,7 +172,7 @@ async def test_a_second_signal_stops_at_once(tmp_path, model_server, workers, se
 
 async def test_a_killed_worker_is_restarted_and_counted_while_the_other_keeps_serving(tmp_path, model_server):
     url, legacy = await model_server(Behaviour(scale_by(2.0)))
-    gateway = GatewayProcess(write_config(tmp_path, url, workers=2))
+    gateway = GatewayProcess(write_config(tmp_path, remote(url), workers=2))
     await gateway.start()
     try:
         address = f"127.0.0.1:{gateway.grpc_port}"
@@ -185,3 +191,14 @@ async def test_a_killed_worker_is_restarted_and_counted_while_the_other_keeps_se
         await gateway.stop()
     assert gateway.process.returncode == 0, "".join(gateway.output)
 
+
+
+def test_a_worker_that_cannot_start_stops_the_gateway_instead_of_restarting(tmp_path):
+    (tmp_path / "broken.pt").write_bytes(b"not a model")
+    path = write_config(tmp_path, {"runtime": "torch", "path": "broken.pt"}, workers=2)
+    env = {key: value for key, value in os.environ.items() if key != "PROMETHEUS_MULTIPROC_DIR"}
+    result = subprocess.run([sys.executable, "-m", "server.cli", "serve", "--config", str(path)], env=env,
+                            capture_output=True, text=True, timeout=300)
+    output = result.stdout + result.stderr
+    assert result.returncode == 1, output
+    assert "could not start" in output and "restarted worker" not in output, output
