@@ -98,6 +98,11 @@ def alive(pid: int) -> bool:
         return False
 
 
+def reaped(pid: int) -> bool:
+    """Gone with all its threads, and so its sockets (a zombie leader's threads may still hold them)."""
+    return not Path(f"/proc/{pid}").exists()
+
+
 def logged_pid(gateway: GatewayProcess, pattern: str) -> int:
     return int(re.search(pattern, "".join(gateway.output)).group(1))
 
@@ -179,7 +184,7 @@ async def test_a_killed_worker_is_restarted_and_counted_while_the_other_keeps_se
         match = re.search(r"started 2 workers: \[(\d+), (\d+)\]", "".join(gateway.output))
         killed, other = int(match.group(1)), int(match.group(2))
         os.kill(killed, signal.SIGKILL)
-        await until(lambda: not alive(killed), 60)
+        await until(lambda: reaped(killed), 60)
         assert set(await infer_on_fresh_channels(address, 20)) == {LEGACY_OF_ONES}
 
         await until(lambda: "".join(gateway.output).count("worker serving") == 3, 120)  # two, then the new one
