@@ -197,7 +197,6 @@ async def test_a_killed_worker_is_restarted_and_counted_while_the_other_keeps_se
     assert gateway.process.returncode == 0, "".join(gateway.output)
 
 
-
 def test_a_worker_that_cannot_start_stops_the_gateway_instead_of_restarting(tmp_path):
     (tmp_path / "broken.pt").write_bytes(b"not a model")
     path = write_config(tmp_path, {"runtime": "torch", "path": "broken.pt"}, workers=2)
