@@ -4,6 +4,7 @@ This process forks the workers before any gRPC, framework or metrics object exis
 runtimes are not fork-safe once started), then starts the shadow engine, which holds the one control
 plane: every worker hands its shadowed requests to it and follows the routing table it writes, so
 one guard judges all traffic and `ctl` reaches the whole gateway. /metrics adds every process up.
+A worker that dies is forked again from here: this process never starts gRPC or a runtime itself.
 """
 
 from __future__ import annotations
