@@ -73,6 +73,7 @@ class Gateway:
         self.serve_metrics = serve_metrics
         self.grpc_port = self.metrics_port = 0
         self._servers: list[grpc.aio.Server] = []
+        self._health: Any = None
         self._http: Any = None
         self._tasks: list[asyncio.Task] = []
 
@@ -85,10 +86,10 @@ class Gateway:
         if self.engine is not None:
             await asyncio.to_thread(self.engine.start)
         await self.dispatcher.start()
-        front, self.grpc_port, health = await start_grpc_server(
+        front, self.grpc_port, self._health = await start_grpc_server(
             self.dispatcher, server.grpc_listen, server.max_message_bytes, server.tls)
         self._servers = [front]
-        self._tasks.append(asyncio.get_running_loop().create_task(self._refresh_health(health)))
+        self._tasks.append(asyncio.get_running_loop().create_task(self._refresh_health(self._health)))
         if self.serve_metrics:
             host, port = host_port(server.metrics_listen)
             self._http, _ = start_http_server(port, host, registry=self.registry)
@@ -104,7 +105,10 @@ class Gateway:
             await update_health(health, self.dispatcher)
             await asyncio.sleep(HEALTH_REFRESH_S)
 
-    async def stop(self, grace_s: float = 5.0) -> None:
+    async def stop(self, grace_s: float | None = None) -> None:
+        """Refuse new RPCs, give those in flight `grace_s` (default: server.grace_s), then close everything."""
+        if grace_s is None:
+            grace_s = self.config.server.grace_s
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*(server.stop(grace_s) for server in self._servers))
@@ -118,13 +122,31 @@ class Gateway:
             shutil.rmtree(self._metrics_dir, ignore_errors=True)
 
     async def serve_forever(self) -> None:
-        """Run until SIGINT/SIGTERM, then drain in-flight requests."""
         await self.start()
+        await self.serve_until_signalled()
+
+    async def serve_until_signalled(self) -> None:
+        """Serve until SIGTERM or SIGINT, then drain; a second signal stops at once.
+
+        Draining: health turns NOT_SERVING for every service name while requests are still answered for
+        server.drain_s; then new RPCs are refused and those in flight get server.grace_s to finish.
+        """
         settle_heap()
-        stop = asyncio.Event()
         loop = asyncio.get_running_loop()
+        signals: asyncio.Queue[int] = asyncio.Queue()
         for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        await stop.wait()
-        log.info("shutting down")
-        await self.stop()
+            loop.add_signal_handler(sig, signals.put_nowait, sig)
+        await signals.get()
+        server = self.config.server
+        log.info("draining: health NOT_SERVING, answering for %gs more, then %gs for requests in flight",
+                 server.drain_s, server.grace_s)
+        await self._health.enter_graceful_shutdown()
+        second = loop.create_task(signals.get())
+        await asyncio.wait([second], timeout=server.drain_s)
+        stopping = loop.create_task(self.stop(0 if second.done() else server.grace_s))
+        await asyncio.wait([stopping, second], return_when=asyncio.FIRST_COMPLETED)
+        if not stopping.done():
+            log.warning("second signal: cancelling requests in flight")
+            await asyncio.gather(*(front.stop(0) for front in self._servers))
+        await stopping
+        second.cancel()

@@ -356,6 +356,16 @@ class ServerConfig(Strict):
         "when that costs the primary throughput",
     )
     workers: int = Field(1, ge=1, le=64)
+    worker_restart_backoff_s: float = Field(
+        0.5, gt=0, description="with workers > 1: first pause before a dead worker is restarted; doubles up to 30 s "
+        "while it keeps dying")
+    drain_s: float = Field(
+        5.0, ge=0, description="after SIGTERM, health reports NOT_SERVING at once while requests are still answered "
+        "for this long, so load balancers (Kubernetes endpoint removal) stop sending before the port closes")
+    grace_s: float = Field(
+        10.0, ge=0, description="after drain_s, new RPCs are refused and requests in flight get this long to finish "
+        "before they are cancelled; Kubernetes' terminationGracePeriodSeconds must exceed drain_s + grace_s "
+        "(plus any preStop sleep)")
     compare: bool = Field(
         True, description="compare legacy and candidate answers after the reply; false only shadows (no verdicts)"
     )

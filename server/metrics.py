@@ -151,6 +151,9 @@ class Metrics:
             "shadowserve_legacy_up", "1 while the model's legacy backend answers; 0 turns the model not ready "
             "(ModelReady, its grpc.health.v1 service) until it answers again.",
             ["model"], registry=registry, multiprocess_mode="livemin")
+        self.worker_restarts = counter(
+            "shadowserve_worker_restarts_total", "Restarts of primary worker processes (serve --workers N) after one died.",
+            registry=registry)
         self.candidate_killed = counter(
             "shadowserve_candidate_killed_total",
             "In-process candidate inferences that ran past their deadline: the shadow engine running them is killed "

@@ -4,6 +4,7 @@ This process forks the workers before any gRPC, framework or metrics object exis
 runtimes are not fork-safe once started), then starts the shadow engine, which holds the one control
 plane: every worker hands its shadowed requests to it and follows the routing table it writes, so
 one guard judges all traffic and `ctl` reaches the whole gateway. /metrics adds every process up.
+A worker that dies is forked again from here: this process never starts gRPC or a runtime itself.
 """
 
 from __future__ import annotations
@@ -22,14 +23,44 @@ from server.config import Config, host_port
 log = logging.getLogger("shadowserve.workers")
 
 
-def _worker(index: int, config: Config, shared, wake_fd: int) -> None:
+EXIT_START_FAILED = 3  # a worker that cannot start would fail again: the gateway stops instead of restarting it
+
+
+def _worker(index: int, config: Config, shared, wake_fd: int) -> int:
     from server import loop_load
     from server.app import Gateway
     from server.supervisor import die_with_parent
 
     die_with_parent(signal.SIGTERM)  # drains like any SIGTERM
-    gateway = Gateway(config, shared=shared, worker=index, wake_fd=wake_fd, serve_metrics=False)
-    loop_load.run(gateway.serve_forever())
+
+    async def serve() -> int:
+        try:
+            gateway = Gateway(config, shared=shared, worker=index, wake_fd=wake_fd, serve_metrics=False)
+            await gateway.start()
+        except Exception:
+            log.exception("worker %d failed to start", index)
+            return EXIT_START_FAILED
+        await gateway.serve_until_signalled()
+        return 0
+
+    return loop_load.run(serve())
+
+
+def _fork(index: int, config: Config, shared, wake_fd: int, close_fds: tuple[int, ...]) -> int:
+    pid = os.fork()
+    if pid:
+        return pid
+    code = 1
+    try:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the supervisor's handlers, until the gateway sets its own
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        for fd in close_fds:
+            os.close(fd)
+        code = _worker(index, config, shared, wake_fd)
+    except BaseException:
+        log.exception("worker %d failed", index)
+    finally:
+        os._exit(code)
 
 
 def _reserve_port(listen: str) -> tuple[socket.socket, str]:
@@ -44,7 +75,11 @@ def _reserve_port(listen: str) -> tuple[socket.socket, str]:
 
 
 def run_workers(config: Config, config_path: Path, count: int, log_level: str = "INFO") -> int:
-    """Fork `count` workers and the engine, serve their summed metrics, and stop them all on SIGTERM."""
+    """Fork `count` workers and the engine and serve their summed metrics.
+
+    A worker that dies is forked again after a pause that doubles while it keeps dying. SIGTERM and SIGINT
+    go to the workers, which drain; the engine stops once they are all gone.
+    """
     metrics_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
     if not metrics_dir:
         metrics_dir = tempfile.mkdtemp(prefix="shadowserve-metrics-")
@@ -60,26 +95,13 @@ def run_workers(config: Config, config_path: Path, count: int, log_level: str = 
     config = config.model_copy(update={"server": config.server.model_copy(update={"grpc_listen": grpc_listen})})
     shared = new_shared_state(config, count)
     wake_read, wake_write = os.pipe()
-    children: list[int] = []
-    for index in range(count):
-        pid = os.fork()
-        if pid == 0:
-            code = 0
-            try:
-                os.close(wake_read)
-                _worker(index, config, shared, wake_write)
-            except BaseException:
-                log.exception("worker %d failed", index)
-                code = 1
-            finally:
-                os._exit(code)
-        children.append(pid)
-    log.info("started %d workers: %s", count, children)
+    children = {_fork(index, config, shared, wake_write, (wake_read,)): index for index in range(count)}
+    log.info("started %d workers: %s", count, list(children))
 
     from prometheus_client import CollectorRegistry, multiprocess, start_http_server
 
     from server.metrics import Metrics
-    from server.supervisor import EngineProcess
+    from server.supervisor import MAX_BACKOFF_S, STABLE_S, EngineProcess
 
     metrics = Metrics(CollectorRegistry(), enabled=config.server.metrics)
     engine = EngineProcess(config, config_path, shared, metrics, metrics_dir, log_level, wake=(wake_read, wake_write))
@@ -91,7 +113,11 @@ def run_workers(config: Config, config_path: Path, count: int, log_level: str = 
     log.info("serving %s: gRPC port %s, metrics port %d, admin port %d",
              sorted(model.name for model in config.models), host_port(grpc_listen)[1], http.server_port, engine.admin_port)
 
+    stopping = False
+
     def forward(signum, _frame) -> None:
+        nonlocal stopping
+        stopping = True
         for child in children:
             try:
                 os.kill(child, signum)
@@ -101,20 +127,40 @@ def run_workers(config: Config, config_path: Path, count: int, log_level: str = 
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
     exit_code = 0
-    alive = set(children)
-    while alive:
+    first_backoff = config.server.worker_restart_backoff_s
+    backoff = [first_backoff] * count
+    started = [time.monotonic()] * count
+    restart_at: dict[int, float] = {}
+    while children or (restart_at and not stopping):
         time.sleep(0.2)  # only the workers are reaped here; the engine's monitor reaps the engine
-        for pid in list(alive):
+        now = time.monotonic()
+        for pid, index in list(children.items()):
             done, status = os.waitpid(pid, os.WNOHANG)
             if not done:
                 continue
-            alive.discard(pid)
+            del children[pid]
             multiprocess.mark_process_dead(pid)
             code = os.waitstatus_to_exitcode(status)
-            if alive and code not in (0, -signal.SIGTERM, -signal.SIGINT):
-                log.error("worker %d exited with %s; stopping the others", pid, code)
+            if code == EXIT_START_FAILED:
+                log.error("worker %d could not start; stopping the others", pid)
                 exit_code = 1
                 forward(signal.SIGTERM, None)
+            elif not stopping:
+                if now - started[index] > STABLE_S:
+                    backoff[index] = first_backoff
+                log.error("worker %d exited with %s; restarting it in %gs", pid, code, backoff[index])
+                restart_at[index] = now + backoff[index]
+                backoff[index] = min(backoff[index] * 2, MAX_BACKOFF_S)
+        for index, due in list(restart_at.items()):
+            if now >= due and not stopping:
+                del restart_at[index]
+                pid = _fork(index, config, shared, wake_write, (wake_read, http.socket.fileno()))
+                children[pid] = index
+                if stopping:  # the signal came while it was forked
+                    os.kill(pid, signal.SIGTERM)
+                started[index] = now
+                metrics.worker_restarts.inc()
+                log.info("restarted worker %d as %d", index, pid)
     engine.stop()
     reserved.close()
     return exit_code

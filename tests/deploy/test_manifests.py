@@ -115,7 +115,8 @@ def test_gateway_deployment_is_ready_for_production(rendered):
         startup = gateway["startupProbe"]
         assert startup["periodSeconds"] * startup["failureThreshold"] >= 120, "models need time to load"
         pre_stop = int(gateway["lifecycle"]["preStop"]["exec"]["command"][1])
-        assert spec["terminationGracePeriodSeconds"] >= pre_stop + 20, "preStop plus draining must fit in the grace period"
+        drain = pre_stop + config.server.drain_s + config.server.grace_s
+        assert spec["terminationGracePeriodSeconds"] > drain, "preStop, drain_s and grace_s must fit in the grace period"
 
         mounts = {mount["name"]: mount for mount in gateway["volumeMounts"]}
         volumes = {volume["name"]: volume for volume in spec["volumes"]}

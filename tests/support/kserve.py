@@ -32,6 +32,7 @@ class Behaviour:
     delay_s: float = 0.0
     busy: bool = False  # burn CPU for delay_s instead of sleeping
     fail_with: grpc.StatusCode | None = None
+    gate: asyncio.Event | None = None  # while set to a cleared event, calls wait for it
     calls: int = 0
     metadata: pb.ModelMetadataResponse | None = None  # ModelMetadata's answer (a Triton adapter asks); else UNIMPLEMENTED
 
@@ -59,6 +60,8 @@ class ScriptedModelServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         behaviour.calls += 1
         if request.model_name != self.model:
             return _failed(context, grpc.StatusCode.NOT_FOUND, f"no model {request.model_name}")
+        if behaviour.gate is not None:
+            await behaviour.gate.wait()
         if behaviour.delay_s:
             if behaviour.busy:
                 end = asyncio.get_running_loop().time() + behaviour.delay_s
