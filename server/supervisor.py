@@ -153,6 +153,8 @@ class EngineProcess:
 
     def stop(self) -> None:
         self._stopping.set()
+        if self._monitor is not None:  # first, so no restart it is making outlives the gateway
+            self._monitor.join(STOP_GRACE_S)
         process = self.process
         if process is not None and process.poll() is None:
             process.send_signal(signal.SIGTERM)
@@ -161,8 +163,6 @@ class EngineProcess:
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
-        if self._monitor is not None:
-            self._monitor.join(STOP_GRACE_S)
         for fd in (self.wake_read, self.wake_write):
             try:
                 os.close(fd)

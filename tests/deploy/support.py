@@ -110,9 +110,12 @@ def serving(config: dict, workdir: Path, *cli_args: str, command: list[str] | No
 
 
 def stop(process: subprocess.Popen, timeout_s: float = 30) -> int:
-    """SIGTERM, wait, then SIGKILL the process group (its own session) if anything is left."""
+    """SIGTERM twice (the second skips the drain), wait, then SIGKILL the process group if anything is left."""
     if process.poll() is None:
         process.send_signal(signal.SIGTERM)
+        time.sleep(0.2)
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
         try:
             process.wait(timeout_s)
         except subprocess.TimeoutExpired:

@@ -62,8 +62,12 @@ class GatewayProcess:
             self.output.append(line.decode())
 
     async def stop(self) -> None:
+        """SIGTERM, and a second one to skip the drain (`server.drain_s`) that only load balancers need."""
         if self.process is not None and self.process.returncode is None:
             self.process.send_signal(signal.SIGTERM)
+            await asyncio.sleep(0.2)
+            if self.process.returncode is None:
+                self.process.send_signal(signal.SIGTERM)
             await asyncio.wait_for(self.process.wait(), 30)
             await self._drain
 
