@@ -379,7 +379,7 @@ class ServerConfig(Strict):
     backend_retry_s: float = Field(
         1.0, gt=0, description="first pause before a backend that failed to load is tried again; doubles up to 30 s")
     max_unjudged_served: int = Field(
-        8, ge=1, description="candidate answers a primary may serve before the shadow engine has judged them; beyond "
+        32, ge=1, description="candidate answers a primary may serve before the shadow engine has judged them; beyond "
         "this (an engine slowed, restarting or down), canary requests are answered by the legacy (fallback reason "
         "unjudged), so the wrong answers clients can get before a guard rollback do not grow with traffic")
     legacy_probe_s: float = Field(

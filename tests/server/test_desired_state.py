@@ -30,6 +30,7 @@ server:
   metrics_listen: 127.0.0.1:0
   admin_listen: 127.0.0.1:0
   config_poll_s: 0.2          # replicas follow edits within this
+  max_unjudged_served: 10000  # these tests check routing: no legacy fallback while a busy engine judges late
 models:
   - name: m                   # the name clients call
     inputs: [{name: x, datatype: FP32, shape: [-1, 2]}]

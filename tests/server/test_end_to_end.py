@@ -34,7 +34,7 @@ def direct_mxnet(models, images: np.ndarray) -> np.ndarray:
     return net(mx.nd.array(images)).asnumpy()
 
 
-async def wait_for(predicate, timeout_s: float = 10.0) -> None:
+async def wait_for(predicate, timeout_s: float = 30.0) -> None:
     """Comparisons run after the reply: poll briefly for their metrics."""
     deadline = asyncio.get_running_loop().time() + timeout_s
     while not predicate():

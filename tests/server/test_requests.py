@@ -243,14 +243,14 @@ async def test_requests_beyond_max_concurrent_requests_get_resource_exhausted(mo
             assert decoded(response)["out_FP32"].tolist() == [[0.0, 1.0, 2.0]]
 
 
-async def wait_until(predicate, timeout_s: float = 10.0) -> None:
+async def wait_until(predicate, timeout_s: float = 30.0) -> None:
     deadline = asyncio.get_running_loop().time() + timeout_s
     while not predicate():
         assert asyncio.get_running_loop().time() < deadline, "condition not reached in time"
         await asyncio.sleep(0.01)
 
 
-async def wait_until_answered(stub, request, timeout_s: float = 10.0) -> pb.ModelInferResponse:
+async def wait_until_answered(stub, request, timeout_s: float = 30.0) -> pb.ModelInferResponse:
     """The gateway frees a cancelled request's slot once its cancellation reaches the server."""
     deadline = asyncio.get_running_loop().time() + timeout_s
     while True:

@@ -217,7 +217,7 @@ async def test_guard_bounds_the_wrong_answers_a_canary_serves_whatever_the_reque
     clients = 8
     wrong = (X * 3).tobytes()
     # Shadow-only comparisons may wait 10 s to be batched; answers clients got from the candidate must not.
-    async with running_gateway({"server": {"comparison": {"batch_s": 10}},
+    async with running_gateway({"server": {"comparison": {"batch_s": 10}, "max_unjudged_served": 8},
                                 "models": [pair_config(legacy_url, candidate_url, shadow_percent=100, serve_percent=100,
                                                        guard=GUARD)]}) as gateway:
         pair = gateway.dispatcher.pairs["m"]
