@@ -155,7 +155,7 @@ class Gateway(Process):
     def __init__(self, name: str, models: list[dict], workdir: Path, workers: int = 1, **server: object) -> None:
         self.grpc_port = self.metrics_port = self.admin_port = 0
         listen = {key: "127.0.0.1:0" for key in ("grpc_listen", "metrics_listen", "admin_listen")}
-        config = {"server": {**listen, **server}, "models": models}
+        config = {"server": {**listen, "drain_s": 0, **server}, "models": models}  # nothing balances load onto it
         self.config_path = workdir / f"{name}.yaml"
         self.config_path.write_text(yaml.safe_dump(config, sort_keys=False))
         self.argv = [sys.executable, "-m", "server.cli", "--log-level", "INFO", "serve",
