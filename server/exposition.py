@@ -6,10 +6,14 @@ A gateway process reads that folder beside its own registry and adds up series b
 
 from __future__ import annotations
 
+import logging
+
 from prometheus_client import CollectorRegistry
 from prometheus_client.metrics_core import Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.samples import Sample
+
+log = logging.getLogger("shadowserve")
 
 
 def merge(families: list[Metric]) -> list[Metric]:
@@ -42,4 +46,14 @@ class GatewayRegistry(CollectorRegistry):
         self.shared = MultiProcessCollector(None, shared_dir)
 
     def collect(self):
-        yield from merge([*self.own.collect(), *self.shared.collect()])
+        yield from merge([*self.own.collect(), *self._shared_families()])
+
+    def _shared_families(self) -> list[Metric]:
+        """The folder's series; a file removed mid-read (an engine that died is cleaned up) means reading again."""
+        for attempt in range(3):
+            try:
+                return list(self.shared.collect())
+            except (OSError, ValueError) as exc:
+                error = exc
+        log.warning("metrics of the shadow engine could not be read this time (%s); /metrics shows the rest", error)
+        return []

@@ -100,14 +100,14 @@ def run_workers(config: Config, config_path: Path, count: int, log_level: str = 
 
     from prometheus_client import CollectorRegistry, multiprocess, start_http_server
 
+    from server.exposition import GatewayRegistry
     from server.metrics import Metrics
     from server.supervisor import MAX_BACKOFF_S, STABLE_S, EngineProcess
 
     metrics = Metrics(CollectorRegistry(), enabled=config.server.metrics)
     engine = EngineProcess(config, config_path, shared, metrics, metrics_dir, log_level, wake=(wake_read, wake_write))
     engine.start()
-    registry = CollectorRegistry()
-    multiprocess.MultiProcessCollector(registry)
+    registry = GatewayRegistry(CollectorRegistry(), metrics_dir)  # reads again when a dead worker's files go
     host, port = host_port(config.server.metrics_listen)
     http, _ = start_http_server(port, host, registry=registry)
     log.info("serving %s: gRPC port %s, metrics port %d, admin port %d",
