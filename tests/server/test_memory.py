@@ -2,22 +2,18 @@
 
 from __future__ import annotations
 
-import asyncio
-
 import numpy as np
 import tritonclient.grpc.aio as triton_aio
 import yaml
 
+from bench.procs import rss_bytes
 from tests.support.gateway import GatewayProcess, eventually
 from tests.support.kserve import Behaviour, scale_by, start_model_server
 
 MIB = 1 << 20
 
-
 def rss_mib(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as status:
-        return next(int(line.split()[1]) for line in status if line.startswith("VmRSS")) / 1024
-
+    return rss_bytes(pid) / MIB
 
 async def test_rss_returns_within_100_mb_of_its_start_after_200_mib_requests(tmp_path):
     legacy, url, _ = await start_model_server("m", Behaviour(scale_by(2.0)))

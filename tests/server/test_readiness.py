@@ -7,6 +7,7 @@ import tritonclient.grpc.aio as triton_aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tests.conftest import running_gateway, sample
+from tests.server.test_end_to_end import wait_for
 from tests.server.test_engine import LEGACY, TENSORS, Load
 from tests.support.gateway import eventually
 from tests.support.kserve import Behaviour, scale_by, start_model_server
@@ -34,13 +35,13 @@ async def test_a_model_whose_remote_legacy_dies_turns_not_ready_under_load_and_r
             assert await readiness() == up
             load = Load(client)
             try:
-                await eventually(lambda: _answered(load, 20))
+                await wait_for(lambda: len(load.answers) >= 20)
                 await legacy.stop(0)
                 await eventually(lambda: _is(readiness, down))
                 legacy, _, _ = await start_model_server("m", Behaviour(scale_by(2.0)), port=port)
                 await eventually(lambda: _is(readiness, up))
                 answered = len(load.answers)
-                await eventually(lambda: _answered(load, answered + 20))
+                await wait_for(lambda: len(load.answers) >= answered + 20)
             finally:
                 await load.stop()
                 await legacy.stop(0)
@@ -50,7 +51,3 @@ async def test_a_model_whose_remote_legacy_dies_turns_not_ready_under_load_and_r
 
 async def _is(probe, expected) -> bool:
     return await probe() == expected
-
-
-async def _answered(load: Load, count: int) -> bool:
-    return len(load.answers) >= count
