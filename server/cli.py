@@ -15,18 +15,10 @@ from server.errors import ConfigError
 
 def _serve(args: argparse.Namespace) -> int:
     from server.config import load_config
+    from server.workers import run_workers
 
     config = load_config(args.config)
-    workers = args.workers or config.server.workers
-    if workers > 1:
-        from server.workers import run_workers
-
-        return run_workers(config, Path(args.config), workers, args.log_level)
-    from server import loop_load
-    from server.app import Gateway
-
-    loop_load.run(Gateway(config, config_path=Path(args.config), log_level=args.log_level).serve_forever())
-    return 0
+    return run_workers(config, Path(args.config), args.workers or config.server.workers, args.log_level)
 
 
 def _demo(args: argparse.Namespace) -> int:

@@ -357,7 +357,7 @@ class ServerConfig(Strict):
     )
     workers: int = Field(1, ge=1, le=64)
     worker_restart_backoff_s: float = Field(
-        0.5, gt=0, description="with workers > 1: first pause before a dead worker is restarted; doubles up to 30 s "
+        0.5, gt=0, description="first pause before a dead worker is restarted; doubles up to 30 s "
         "while it keeps dying")
     drain_s: float = Field(
         5.0, ge=0, description="after SIGTERM, health reports NOT_SERVING at once while requests are still answered "

@@ -1,10 +1,11 @@
-"""`serve --workers N`: N primary processes on one port (SO_REUSEPORT), one shadow engine, one /metrics.
+"""`serve`: N primary processes (`--workers`, default 1) on one port (SO_REUSEPORT), one shadow engine, one /metrics.
 
 This process forks the workers before any gRPC, framework or metrics object exists (gRPC and the
 runtimes are not fork-safe once started), then starts the shadow engine, which holds the one control
 plane: every worker hands its shadowed requests to it and follows the routing table it writes, so
-one guard judges all traffic and `ctl` reaches the whole gateway. /metrics adds every process up.
-A worker that dies is forked again from here: this process never starts gRPC or a runtime itself.
+one guard judges all traffic and `ctl` reaches the whole gateway. /metrics adds every process up and
+is rendered here, so a scrape takes no CPU or GIL time from a process that serves requests. A worker
+that dies is forked again from here: this process never starts gRPC or a runtime itself.
 """
 
 from __future__ import annotations
@@ -27,10 +28,13 @@ EXIT_START_FAILED = 3  # a worker that cannot start would fail again: the gatewa
 
 
 def _worker(index: int, config: Config, shared, wake_fd: int) -> int:
+    from setproctitle import setproctitle
+
     from server import loop_load
     from server.app import Gateway
     from server.supervisor import die_with_parent
 
+    setproctitle(f"shadowserve: worker {index}")
     die_with_parent(signal.SIGTERM)  # drains like any SIGTERM
 
     async def serve() -> int:

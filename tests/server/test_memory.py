@@ -1,4 +1,4 @@
-"""Memory that large requests took is handed back: a gateway's RSS returns near its start after a burst."""
+"""Memory that large requests took is handed back: a worker's RSS returns near its start after a burst."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import numpy as np
 import tritonclient.grpc.aio as triton_aio
 import yaml
 
-from bench.procs import rss_bytes
+from bench.procs import cmdline, descendants, rss_bytes
 from tests.support.gateway import GatewayProcess, eventually
 from tests.support.kserve import Behaviour, scale_by, start_model_server
 
@@ -26,7 +26,7 @@ async def test_rss_returns_within_100_mb_of_its_start_after_200_mib_requests(tmp
     gateway = GatewayProcess(tmp_path / "shadow.yaml")
     await gateway.start()
     try:
-        pid = gateway.process.pid
+        pid = next(pid for pid in descendants(gateway.process.pid) if b"shadowserve: worker" in cmdline(pid))
         start = rss_mib(pid)
         x = np.ones((1, 200 * MIB // 4), np.float32)
         async with gateway.client() as client:
