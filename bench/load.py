@@ -53,13 +53,19 @@ class Run:
     def percentile_ms(self, q: float) -> float:
         return float(np.percentile(self.latencies_ns, q)) / 1e6
 
+    @property
+    def stall_ms(self) -> float:
+        """The worst request's wait beyond the median one: a pause of the server shows here whole."""
+        return float(self.latencies_ns.max() - np.median(self.latencies_ns)) / 1e6
+
 
 class Client:
     """`channels` connections to one gRPC endpoint."""
 
-    def __init__(self, url: str, channels: int = 1) -> None:
+    def __init__(self, url: str, channels: int = 1, credentials: grpc.ChannelCredentials | None = None) -> None:
         self.url = url
-        self.channels = [grpc.aio.insecure_channel(url, options=CHANNEL_OPTIONS) for _ in range(channels)]
+        self.channels = [grpc.aio.secure_channel(url, credentials, options=CHANNEL_OPTIONS) if credentials
+                         else grpc.aio.insecure_channel(url, options=CHANNEL_OPTIONS) for _ in range(channels)]
         self.infer = [channel.unary_unary(MODEL_INFER) for channel in self.channels]
 
     async def wait_ready(self, timeout_s: float, alive=lambda: True) -> None:

@@ -65,7 +65,7 @@ def render(suite: Suite, command: str, started: datetime.datetime, load_before: 
         "  (`tests.support.kserve`, fixed compute time by sleeping), the baselines are a bare grpc.aio echo",
         "  server and the MXNet model behind a bare grpc.aio server (`bench/servers.py`), and each gateway",
         "  configuration is its own `shadowserve serve --config ...` process, so its CPU is read from",
-        "  `/proc/<pid>/stat` (summed over worker children).",
+        "  `/proc/<pid>/stat`, summed over its processes: supervisor, workers and shadow engine.",
         f"- Placement: the system under test (each gateway, the echo and bare-MXNet servers) is pinned to CPU "
         f"{sorted(suite.sut_cpus)}; the load generator and the legacy/candidate servers to CPU {sorted(suite.rest_cpus)}. "
         "Figure 5 pins one worker to one core and lets two workers use both.",

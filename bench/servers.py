@@ -2,7 +2,8 @@
 
 kserve  a scripted KServe v2 model server (tests.support.kserve): legacy or candidate of the gateway,
         with a fixed compute time, a stall, a hang or a failure status.
-echo    the bare grpc.aio baseline: answers ModelInfer with its input tensor, nothing else.
+echo    the bare grpc.aio baseline: answers ModelInfer (and each ModelStreamInfer message) with its input
+        tensor, nothing else.
 mxnet   the MXNet model behind a bare grpc.aio server, run inline: the baseline of the in-process case.
 
 relay   the least a Python shadowing proxy can do: request bytes relayed unparsed to the legacy (whose
@@ -48,6 +49,10 @@ class EchoServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         response.outputs.add(name=self.output, datatype=tensor.datatype, shape=tensor.shape)
         response.raw_output_contents.append(request.raw_input_contents[0])
         return response
+
+    async def ModelStreamInfer(self, request_iterator, context):
+        async for request in request_iterator:
+            yield pb.ModelStreamInferResponse(infer_response=await self.ModelInfer(request, context))
 
 
 class MXNetServicer(EchoServicer):

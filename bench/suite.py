@@ -17,11 +17,17 @@ import urllib.request
 from pathlib import Path
 from typing import Callable
 
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from tritonclient.grpc import service_pb2 as pb
+from tritonclient.grpc import service_pb2_grpc
+
 from bench import procs
-from bench.load import Client, Run, closed_loop, h2load, infer_request, open_loop
+from bench.load import CHANNEL_OPTIONS, Client, Run, closed_loop, h2load, infer_request, open_loop
 from bench.models import INPUT_SHAPE, build_mxnet_classifier
 from server.config import ServerConfig
 from server.metrics import SHADOWED_SKIP_REASONS
+from tests.support.certs import make_certificates
 
 OUTPUT_SHAPE = (1, 1000)
 MIB = 1 << 20
@@ -40,12 +46,20 @@ class Settings:
     completeness_s: float
     memory_s: float
     scale_out: int  # requests per h2load block
+    stall_s: float  # how long each gateway of figure 10 is held at STEADY_RATE
+    floor_s: float  # the same, direct to the legacy: the rig's own stalls
+    burst_mib: int  # figure 12: size and number of large requests
+    bursts: int
+    drain_s: float  # figure 13: the draining gateway's server.drain_s
+    calls: int  # figure 15: candidate calls per block
 
 
 FULL = Settings(quick=False, repeats=5, serial=400, isolation=1200, saturation=2500, rate_s=5.0,
-                completeness_s=20.0, memory_s=300.0, scale_out=4000)
+                completeness_s=20.0, memory_s=300.0, scale_out=4000, stall_s=120.0, floor_s=30.0,
+                burst_mib=200, bursts=3, drain_s=2.0, calls=4000)
 QUICK = Settings(quick=True, repeats=2, serial=60, isolation=150, saturation=400, rate_s=1.5,
-                 completeness_s=2.0, memory_s=5.0, scale_out=300)
+                 completeness_s=2.0, memory_s=5.0, scale_out=300, stall_s=3.0, floor_s=1.0,
+                 burst_mib=64, bursts=1, drain_s=0.5, calls=300)
 
 ISOLATION_CONCURRENCY = 4
 SATURATION_CONCURRENCY = 32
@@ -53,6 +67,8 @@ SATURATION_CHANNELS = 16
 SCALE_OUT_STREAMS = 4  # concurrent streams per h2load connection
 STALL_MS = 200
 REMOTE_MS = 5
+STEADY_RATE = 200.0  # req/s of figures 10, 11 and 14: well below saturation, so a pause is the server's, not a queue
+CALLS_IN_FLIGHT = 8
 
 
 @dataclasses.dataclass
@@ -61,7 +77,7 @@ class Figure:
     name: str
     measure: str
     value: float
-    target: float
+    target: float | None  # None: a measurement that informs a decision, with no target
     at_most: bool  # the value must be <= target (else >=)
     unit: str = ""
     per_repeat: list[float] = dataclasses.field(default_factory=list)
@@ -69,11 +85,13 @@ class Figure:
 
     @property
     def passed(self) -> bool:
+        if self.target is None:
+            return True
         return self.value <= self.target if self.at_most else self.value >= self.target
 
     @property
     def target_text(self) -> str:
-        return f"{'≤' if self.at_most else '≥'} {self.target:g}{self.unit}"
+        return "–" if self.target is None else f"{'≤' if self.at_most else '≥'} {self.target:g}{self.unit}"
 
 
 @dataclasses.dataclass
@@ -105,13 +123,14 @@ class ScaleOutBlock:
 class Target:
     """An endpoint under load: a gateway, a baseline server or a backend called directly."""
 
-    def __init__(self, name: str, url: str, process: procs.Process | None) -> None:
-        self.name, self.url, self.process = name, url, process
+    def __init__(self, name: str, url: str, process: procs.Process | None,
+                 credentials: grpc.ChannelCredentials | None = None) -> None:
+        self.name, self.url, self.process, self.credentials = name, url, process, credentials
         self._clients: dict[int, Client] = {}
 
     def client(self, channels: int) -> Client:
         if channels not in self._clients:
-            self._clients[channels] = Client(self.url, channels)
+            self._clients[channels] = Client(self.url, channels, self.credentials)
         return self._clients[channels]
 
     async def measure(self, load: Callable[[Client], "asyncio.Future[Run]"], channels: int) -> Block:
@@ -148,6 +167,7 @@ class Suite:
         self.rest_cpus = set(cpus[1:]) or {cpus[0]}
         self.request = infer_request(OUTPUT_SHAPE)
         self.image_request = infer_request(INPUT_SHAPE)
+        self.tls: grpc.ChannelCredentials | None = None  # trusts the CA that signed gw-tls's certificate
 
     # -- processes -----------------------------------------------------------------------------
 
@@ -200,6 +220,8 @@ class Suite:
             return {"runtime": "remote", "url": urls[name], "model": "m", **extra}
 
         mxnet = {"runtime": "mxnet", "symbol": str(symbol), "params": str(params), "tensor_names": {"x": "data"}}
+        certificates = make_certificates(self.workdir / "certificates")
+        self.tls = grpc.ssl_channel_credentials(certificates.ca.read_bytes())
 
         def mxnet_pair(candidate: dict | None = None) -> list[dict]:
             pair = self._pair(mxnet, candidate)
@@ -214,19 +236,24 @@ class Suite:
             "gw-unavailable-5ms": dict(models=self._pair(remote("legacy-5ms"), remote("candidate-unavailable"))),
             "gw-unavailable-unbroken-5ms": dict(models=self._pair(remote("legacy-5ms"), remote("candidate-unavailable"),
                                                                   circuit_breaker=None)),
-            "gw-shadow": dict(models=self._pair(remote("legacy"), remote("candidate"))),
+            # A hand-off must fit its ring: 256 MiB lets figure 7's 64 MiB request and answer through to the engine.
+            "gw-shadow": dict(models=self._pair(remote("legacy"), remote("candidate")), engine={"queue_bytes": 256 * MIB}),
             "gw-shadow-unshed": dict(models=self._pair(remote("legacy"), remote("candidate")), shed_shadow_from_loop_busy=None),
             "gw-no-shadow": dict(models=self._pair(remote("legacy"), remote("candidate"), 0)),
             "gw-no-compare": dict(models=self._pair(remote("legacy"), remote("candidate")), compare=False, metrics=False),
             "gw-1-worker": dict(models=mxnet_pair(mxnet)),
             "gw-2-workers": dict(models=mxnet_pair(mxnet), workers=2),
             "gw-hung": dict(models=self._pair(remote("legacy"), remote("candidate-hung"))),
+            "gw-tls": dict(models=self._pair(remote("legacy"), remote("candidate")),
+                           tls={"cert_file": str(certificates.server_cert), "key_file": str(certificates.server_key)}),
+            "gw-drain": dict(models=self._pair(remote("legacy-5ms"), remote("candidate-5ms")),
+                             drain_s=self.settings.drain_s, grace_s=10),
         }
         started_gateways = {name: self._gateway(name, **spec) for name, spec in gateways.items()}
         self.log(f"waiting for {len(gateways)} gateways")
         await asyncio.gather(*(asyncio.to_thread(gateway.read_ports, 300) for gateway in started_gateways.values()))
         for name, gateway in started_gateways.items():
-            self.targets[name] = Target(name, gateway.url, gateway)
+            self.targets[name] = Target(name, gateway.url, gateway, self.tls if name == "gw-tls" else None)
         self.notes["gateway command"] = self.targets["gw-shadow"].process.command  # type: ignore[union-attr]
         await asyncio.gather(*(self._ready(self.targets[name]) for name in gateways))
         sut = ["echo", "mxnet-bare", *relays, *(name for name in gateways if name not in ("gw-1-worker", "gw-2-workers"))]
@@ -532,6 +559,203 @@ class Suite:
             detail=f"{sent} requests sent; comparisons resumed {resume_s:.1f} s after the SIGKILL; a hand-off of one "
                    f"request (1000 FP32 in, 1000 out) costs the primary {handoff_cost_us():.1f} µs"))
 
+    async def stalls(self) -> None:
+        """Figure 10: the longest stall of requests in flight over minutes, with a hung and a healthy candidate."""
+        s = self.settings
+        floor = await open_loop(self.targets["legacy"].client(8), self.request, STEADY_RATE, s.floor_s)
+        for name, candidate in (("gw-hung", "hung"), ("gw-shadow", "healthy")):
+            run = await open_loop(self.targets[name].client(8), self.request, STEADY_RATE, s.stall_s)
+            self.add(Figure(
+                10, f"longest stall, candidate {candidate}",
+                f"worst request's latency − median, over {s.stall_s:.0f} s at {STEADY_RATE:.0f} req/s, shadowing 100%",
+                run.stall_ms, 20, True, unit=" ms",
+                detail=f"{len(run.latencies_ns)} requests, {run.errors or 'no'} errors; p50 {_ms(run.percentile_ms(50))}, "
+                       f"p99 {_ms(run.percentile_ms(99))}, p99.9 {_ms(run.percentile_ms(99.9))}; the rig's floor, the "
+                       f"same measure direct to the legacy over {s.floor_s:.0f} s: {floor.stall_ms:.1f} ms"))
+
+    async def scrape_cost(self) -> None:
+        """Figure 11: legacy p99 while Prometheus-like scrapes come every second, against none."""
+        s = self.settings
+        target = self.targets["gw-shadow"]
+        port = target.process.metrics_port  # type: ignore[union-attr]
+        load = lambda: open_loop(target.client(8), self.request, STEADY_RATE, s.rate_s)  # noqa: E731
+        scrapes: list[tuple[float, int]] = []  # seconds, bytes
+
+        async def scraping(stop: asyncio.Event) -> None:
+            while not stop.is_set():
+                start = time.perf_counter()
+                size = len(await fetch_metrics(port))
+                scrapes.append((time.perf_counter() - start, size))
+                try:
+                    await asyncio.wait_for(stop.wait(), 1.0)
+                except TimeoutError:
+                    pass
+
+        await load()
+        blocks: dict[str, list[Run]] = {"off": [], "on": []}
+        for repeat in range(s.repeats):
+            for mode in ("off", "on") if repeat % 2 == 0 else ("on", "off"):
+                stop = asyncio.Event()
+                scraper = asyncio.get_running_loop().create_task(scraping(stop)) if mode == "on" else None
+                blocks[mode].append(await load())
+                stop.set()
+                if scraper is not None:
+                    await scraper
+        ratios = [on.percentile_ms(99) / off.percentile_ms(99) for on, off in zip(blocks["on"], blocks["off"])]
+        p99 = lambda mode: _ms(_median([run.percentile_ms(99) for run in blocks[mode]]))  # noqa: E731
+        self.add(Figure(
+            11, "scrape cost", f"legacy p99 with /metrics scraped every second / without, at {STEADY_RATE:.0f} req/s",
+            _median(ratios), 1.05, True, per_repeat=ratios,
+            detail=f"without {p99('off')}, with {p99('on')}; {len(scrapes)} scrapes of "
+                   f"{_median([size for _, size in scrapes]) / 1024:.0f} KiB, each answered in "
+                   f"{_ms(_median([spent for spent, _ in scrapes]) * 1000)} (median) by the supervisor process"))
+
+    async def memory_burst(self) -> None:
+        """Figure 12: a worker's RSS before, during and after a burst of very large requests."""
+        s = self.settings
+        target = self.targets["gw-shadow"]
+        worker = next(pid for pid in procs.descendants(target.process.pid)  # type: ignore[union-attr]
+                      if b"shadowserve: worker" in procs.cmdline(pid))
+        request = infer_request((1, s.burst_mib * MIB // 4), seed=2)
+        before = peak = procs.rss_bytes(worker)
+        sampling = True
+
+        async def sample_peak() -> None:
+            nonlocal peak
+            while sampling:
+                peak = max(peak, procs.rss_bytes(worker))
+                await asyncio.sleep(0.05)
+
+        sampler = asyncio.get_running_loop().create_task(sample_peak())
+        run = await closed_loop(target.client(1), request, s.bursts, 1, timeout_s=300)
+        sampling = False
+        await sampler
+        start = time.monotonic()
+        while (after := procs.rss_bytes(worker)) > before + 100e6 and time.monotonic() - start < 60:
+            await asyncio.sleep(0.5)
+        self.add(Figure(
+            12, f"memory after {s.bursts} × {s.burst_mib} MiB requests", "worker RSS after the burst − before",
+            (after - before) / 1e6, 100, True, unit=" MB",
+            detail=f"{run.errors or 'no'} errors; worker RSS {before / 1e6:.0f} MB before, {peak / 1e6:.0f} MB at the "
+                   f"peak during the burst, {after / 1e6:.0f} MB {time.monotonic() - start:.0f} s after it"))
+
+    async def drain(self) -> None:
+        """Figure 13: SIGTERM under load; clients leave when health says NOT_SERVING, as a load balancer would."""
+        s = self.settings
+        target = self.targets["gw-drain"]
+        process = target.process
+        client = target.client(ISOLATION_CONCURRENCY)
+        health = health_pb2_grpc.HealthStub(client.channels[0])
+        leave_after_s = s.drain_s / 2  # how long a load balancer takes to act on NOT_SERVING; less than drain_s
+        runs: list[tuple[float, Run]] = []  # start, block
+        stop = asyncio.Event()
+
+        async def load() -> None:
+            while not stop.is_set():
+                started = time.monotonic()
+                runs.append((started, await closed_loop(client, self.request, 20, ISOLATION_CONCURRENCY)))
+
+        loading = asyncio.get_running_loop().create_task(load())
+        await asyncio.sleep(1.0)
+        os.kill(process.pid, signal.SIGTERM)  # type: ignore[union-attr]
+        signalled = time.monotonic()
+        while (await health.Check(health_pb2.HealthCheckRequest(), timeout=5)).status == health_pb2.HealthCheckResponse.SERVING:
+            await asyncio.sleep(0.02)
+        noticed = time.monotonic()
+        await asyncio.sleep(leave_after_s)
+        stop.set()
+        await loading
+        code = await asyncio.to_thread(process.popen.wait, 60)  # type: ignore[union-attr]
+        exited = time.monotonic()
+        failed = sum(sum(run.errors.values()) for _, run in runs)
+        after = sum(len(run.latencies_ns) for started, run in runs if started >= signalled)
+        self.add(Figure(
+            13, "SIGTERM drain under load", f"failed client requests ({ISOLATION_CONCURRENCY} concurrent; clients stop "
+            f"{leave_after_s:g} s after health turns NOT_SERVING, drain_s {s.drain_s:g})", float(failed), 0, True,
+            detail=f"{sum(len(run.latencies_ns) for _, run in runs)} requests, {after} of them sent after the SIGTERM; "
+                   f"health NOT_SERVING {noticed - signalled:.2f} s after the SIGTERM; exit code {code}, "
+                   f"{exited - signalled:.1f} s after it"))
+
+    async def tls_cost(self) -> None:
+        """Figure 14: TLS on the front against plaintext, the same gateway config otherwise (connections kept open)."""
+        s = self.settings
+        serial = lambda client: closed_loop(client, self.request, s.serial, 1)  # noqa: E731
+        blocks = await self.interleaved(["gw-shadow", "gw-tls"], serial, 1)
+        ratios = self._ratios(blocks, "gw-tls", "gw-shadow", lambda b: b.run.percentile_ms(50))
+        p50 = lambda name: _ms(_median([b.run.percentile_ms(50) for b in blocks[name]]))  # noqa: E731
+        self.add(Figure(14, "TLS cost, latency", "gateway p50 with TLS on the front / plaintext, one request at a time",
+                        _median(ratios), 1.10, True, per_repeat=ratios,
+                        detail=f"plaintext {p50('gw-shadow')}, TLS {p50('gw-tls')}"))
+        steady = lambda client: open_loop(client, self.request, STEADY_RATE, s.rate_s)  # noqa: E731
+        blocks = await self.interleaved(["gw-shadow", "gw-tls"], steady, 8)
+        ratios = self._ratios(blocks, "gw-tls", "gw-shadow", lambda b: b.cpu_us_per_request)
+        cpu = lambda name: _median([b.cpu_us_per_request for b in blocks[name]])  # noqa: E731
+        self.add(Figure(14, "TLS cost, CPU", f"gateway CPU-µs/request with TLS on the front / plaintext, at "
+                        f"{STEADY_RATE:.0f} req/s", _median(ratios), 1.15, True, per_repeat=ratios,
+                        detail=f"plaintext {cpu('gw-shadow'):.0f} µs/req, TLS {cpu('gw-tls'):.0f} µs/req"))
+
+    async def candidate_calls(self) -> None:
+        """Figure 15: the caller's CPU per candidate call, one long-lived ModelStreamInfer stream against unary calls.
+
+        Measured in this process (the caller's side is what the shadow engine would pay) against the bare echo
+        server, with CALLS_IN_FLIGHT calls outstanding either way.
+        """
+        s = self.settings
+        channel = grpc.aio.insecure_channel(self.targets["echo"].url, options=CHANNEL_OPTIONS)
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        request = pb.ModelInferRequest.FromString(self.request)
+
+        async def unary() -> None:
+            remaining = s.calls
+
+            async def caller() -> None:
+                nonlocal remaining
+                while remaining > 0:
+                    remaining -= 1
+                    await stub.ModelInfer(request, timeout=10)
+
+            await asyncio.gather(*(caller() for _ in range(CALLS_IN_FLIGHT)))
+
+        async def stream() -> None:
+            call = stub.ModelStreamInfer(timeout=60)
+            window = asyncio.Semaphore(CALLS_IN_FLIGHT)
+
+            async def read() -> None:
+                for _ in range(s.calls):
+                    answer = await call.read()
+                    if answer.error_message:
+                        raise RuntimeError(answer.error_message)
+                    window.release()
+
+            reading = asyncio.get_running_loop().create_task(read())
+            for _ in range(s.calls):
+                await window.acquire()
+                await call.write(request)
+            await reading
+            await call.done_writing()
+
+        async def cpu_per_call(calls) -> float:
+            start = time.process_time()
+            await calls()
+            return (time.process_time() - start) / s.calls * 1e6
+
+        try:
+            await unary()
+            await stream()
+            spent: dict[str, list[float]] = {"unary": [], "stream": []}
+            for repeat in range(s.repeats):
+                for name, calls in (("unary", unary), ("stream", stream)) if repeat % 2 == 0 else (
+                        ("stream", stream), ("unary", unary)):
+                    spent[name].append(await cpu_per_call(calls))
+        finally:
+            await channel.close()
+        ratios = [b / a for a, b in zip(spent["unary"], spent["stream"])]
+        self.add(Figure(
+            15, "candidate calls: stream against unary", f"caller CPU per call, one ModelStreamInfer stream / unary "
+            f"ModelInfer ({CALLS_IN_FLIGHT} in flight, 1000 FP32 each way)", _median(ratios), None, True,
+            per_repeat=ratios,
+            detail=f"unary {_median(spent['unary']):.0f} µs/call, stream {_median(spent['stream']):.0f} µs/call"))
+
     async def run(self) -> None:
         try:
             await self.start()
@@ -549,6 +773,18 @@ class Suite:
             await self.scale_out()
             self.log("figure 8: memory")
             await self.memory()
+            self.log("figure 10: longest stall")
+            await self.stalls()
+            self.log("figure 11: scrape cost")
+            await self.scrape_cost()
+            self.log("figure 14: TLS cost")
+            await self.tls_cost()
+            self.log("figure 15: candidate calls, stream against unary")
+            await self.candidate_calls()
+            self.log("figure 13: SIGTERM drain")
+            await self.drain()
+            self.log("figure 12: memory after large requests")
+            await self.memory_burst()
             self.log("figure 9: shadow engine killed")
             await self.engine_killed()
         finally:
@@ -580,6 +816,15 @@ def handoff_cost_us(repeats: int = 2000) -> float:
 
 
 # -- /metrics ----------------------------------------------------------------------------------
+
+
+async def fetch_metrics(port: int) -> bytes:
+    """GET /metrics without blocking the event loop the load runs on."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"GET /metrics HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
+    body = await reader.read()
+    writer.close()
+    return body.partition(b"\r\n\r\n")[2]
 
 
 def scrape(port: int) -> str:

@@ -22,12 +22,12 @@ def test_quick_bench_reports_every_figure(tmp_path):
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=420)
     assert run.returncode == 0, run.stderr[-4000:]
     found = json.loads(figures.read_text())
-    assert {figure["number"] for figure in found} == set(range(1, 10))
+    assert {figure["number"] for figure in found} == set(range(1, 16))
     for figure in found:  # a number for each, not a pass: timings on a shared CI machine are noise
         assert isinstance(figure["value"], float) and math.isfinite(figure["value"]), figure
-        assert figure["target"] >= 0 and figure["measure"]
+        assert (figure["target"] is None or figure["target"] >= 0) and figure["measure"]
     text = report.read_text()
     assert "## Machine" in text and "nproc" in text and "python -m bench --quick" in text
-    for number in range(1, 10):
+    for number in range(1, 16):
         assert f"\n| {number} | " in text
     assert "quick mode" in text
