@@ -7,9 +7,10 @@ injects its fault while tritonclient clients send, then lifts it, and the same g
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 from pathlib import Path
-from typing import Any
+from typing import Any, AsyncIterator
 
 import grpc
 import numpy as np
@@ -101,19 +102,41 @@ async def test_a_killed_candidate_costs_no_answer_and_is_compared_again_once_res
     rig.still_the_same_gateway(pid)
 
 
-async def test_a_candidate_that_never_answers_costs_no_answer_and_its_calls_time_out(rig):
+@contextlib.asynccontextmanager
+async def silent(rig: Rig, where: str) -> AsyncIterator[None]:
+    """The candidate goes silent: its server takes calls and never answers them ("call"), or its port
+    accepts connections and never says a word ("port"); it answers again on leaving."""
+    if where == "call":
+        rig.candidate.gate = asyncio.Event()
+        try:
+            yield
+        finally:
+            rig.candidate.gate.set()
+            rig.candidate.gate = None
+        return
+    await rig.candidate_server.stop(0)
+    connections: list[asyncio.StreamWriter] = []
+    listener = await asyncio.start_server(lambda reader, writer: connections.append(writer), "127.0.0.1",
+                                          rig.candidate_port)
+    try:
+        yield
+    finally:
+        listener.close()
+        for connection in connections:
+            connection.close()
+        await rig.restart_candidate()
+
+
+@pytest.mark.parametrize("where", ["call", "port"])
+async def test_a_candidate_that_never_answers_costs_no_answer_and_its_calls_time_out(rig, where):
     pid = rig.gateway.process.pid
     timeouts = await rig.metric("shadowserve_shadow_skipped_total", model="m", reason="timeout")
     async with Load(rig.url) as load:
         baseline = await load.phase()
         mark = load.mark()
-        rig.candidate.gate = asyncio.Event()  # every call waits, unanswered
-        try:
+        async with silent(rig, where):
             await rig.metric.until("shadowserve_shadow_skipped_total", timeouts + 1, model="m", reason="timeout")
             fault = await load.more(mark)
-        finally:
-            rig.candidate.gate.set()
-            rig.candidate.gate = None
         await rig.until_compared_again()
         recovery = await load.phase()
     assert_legacy_answers(load.outcomes)
