@@ -10,7 +10,7 @@ import asyncio
 import dataclasses
 import itertools
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import tritonclient.grpc.aio as triton_aio
@@ -24,9 +24,12 @@ MODEL = "m"
 TENSORS = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [-1, 4]}],
            "outputs": [{"name": "y", "datatype": "FP32", "shape": [-1, 4]}]}
 LISTEN = {"grpc_listen": "127.0.0.1:0", "metrics_listen": "127.0.0.1:0", "admin_listen": "127.0.0.1:0"}
-PHASE = 200  # requests per phase: baseline, fault, recovery
+# Requests per phase (baseline, fault, recovery): a stall of the test's own event loop delays every client's
+# request at once, so a p99 over 4 clients needs well over 100 x 4 requests not to be one stall.
+PHASE = 400
 CLIENTS = 4
 BOUND_FACTOR, BOUND_EXTRA_S = 3.0, 0.05  # a fault phase's p99 may reach 3x the baseline's p99 + 50 ms
+SCRAPE_EVERY_S = 0.2
 CANCELLED = "cancelled"  # the status of an outcome the client cancelled itself
 
 
@@ -155,7 +158,11 @@ def sample(text: str, name: str, **labels: str) -> float:
 
 
 class Scraper:
-    """Samples of one gateway's /metrics, and waits on them."""
+    """Samples of one gateway's /metrics, and waits on them.
+
+    Waits scrape every SCRAPE_EVERY_S: a scrape costs the gateway's primary some CPU, which a tighter
+    poll would add to the latencies measured meanwhile.
+    """
 
     def __init__(self, gateway: GatewayProcess) -> None:
         self.gateway = gateway
@@ -165,13 +172,15 @@ class Scraper:
 
     async def until(self, name: str, reached: float, timeout_s: float = 60.0, **labels: str) -> None:
         """Until the sample is at least `reached`."""
-        async def done() -> bool:
-            return await self(name, **labels) >= reached
-
-        await eventually(done, timeout_s)
+        await self._until(name, labels, lambda value: value >= reached, f">= {reached:g}", timeout_s)
 
     async def until_equal(self, name: str, expected: float, timeout_s: float = 60.0, **labels: str) -> None:
-        async def done() -> bool:
-            return await self(name, **labels) == expected
+        await self._until(name, labels, lambda value: value == expected, f"== {expected:g}", timeout_s)
 
-        await eventually(done, timeout_s)
+    async def _until(self, name: str, labels: dict[str, str], done: Callable[[float], bool], wanted: str,
+                     timeout_s: float) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while not done(value := await self(name, **labels)):
+            assert loop.time() < deadline, f"{name}{labels} is {value:g} after {timeout_s:g} s, expected {wanted}"
+            await asyncio.sleep(SCRAPE_EVERY_S)

@@ -20,7 +20,7 @@ from tests.support.kserve import Behaviour, scale_by, start_model_server
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
-LEGACY_DELAY_S = 0.03
+LEGACY_DELAY_S = 0.02
 IMPATIENT_S = 0.01  # deadline, or time before cancelling, of the impatient clients: within the legacy's delay
 
 

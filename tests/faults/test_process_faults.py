@@ -9,13 +9,13 @@ import signal
 from grpc_health.v1 import health_pb2
 
 from tests.faults.load import (
-    Load, Scraper, assert_legacy_answers, assert_p99_within_bound, remote, write_config,
+    CLIENTS, Load, Scraper, assert_legacy_answers, assert_p99_within_bound, remote, write_config,
 )
 from tests.server.test_drain import alive, exited, health_is, reaped, until
 from tests.support.gateway import GatewayProcess, eventually
 from tests.support.kserve import Behaviour, scale_by
 
-LEGACY_DELAY_S = 0.01  # requests are in flight whenever the port closes or a worker dies
+LEGACY_DELAY_S = 0.005  # requests are in flight whenever the port closes or a worker dies
 DRAIN_S = 5.0  # time enough to see answers counted and health NOT_SERVING while draining on a loaded machine
 
 
@@ -44,8 +44,10 @@ async def test_sigterm_under_load_drains_answering_every_request_in_flight_then_
             draining = load.since(mark)
     finally:
         await gateway.stop()
-    # Answered in full until the port closed; refused (UNAVAILABLE) after, never cut off mid-answer.
-    assert_legacy_answers(load.outcomes, "StatusCode.UNAVAILABLE")
+    # Answered in full until the port closed; refused (UNAVAILABLE) after. gRPC itself answers CANCELLED to a
+    # call that reached the server but no handler yet when it stops (grpc/grpc#41785): at most one per client.
+    assert_legacy_answers(load.outcomes, "StatusCode.UNAVAILABLE", "StatusCode.CANCELLED")
+    assert sum(outcome.status == "StatusCode.CANCELLED" for outcome in load.outcomes) <= CLIENTS
     answers = [outcome for outcome in draining if outcome.status is None]
     assert answers, "nothing was answered during the drain"
     assert_p99_within_bound(baseline, answers)
