@@ -179,6 +179,7 @@ class Dispatcher:
     async def infer(self, pair: ModelPair, request: InferRequest) -> Outputs:
         """The answer for `request`: the legacy's, or the candidate's for requests routed to it."""
         served_by = "legacy"
+        start = time.perf_counter()
         try:
             if not pair.legacy.ready:
                 raise ModelNotReady(f"model {pair.name!r} is not ready: its legacy backend is still loading")
@@ -190,6 +191,10 @@ class Dispatcher:
                 outputs = await self._shadowed(pair, request, shadow)
         except ShadowServeError as exc:
             pair.metrics.request(exc.code.name, served_by)
+            raise
+        except asyncio.CancelledError:  # the RPC ended unanswered: its deadline passed, or its client cancelled it
+            expired = request.deadline_s is not None and time.perf_counter() - start >= request.deadline_s
+            pair.metrics.request("DEADLINE_EXCEEDED" if expired else "CANCELLED", served_by)
             raise
         pair.metrics.request("OK", served_by)
         return outputs
