@@ -81,7 +81,7 @@ class ModelPair(Routed):
         if self.legacy_up != was_up:
             log.warning("model %s: legacy backend %s", self.name,
                         "answers again; ready" if self.legacy_up else "does not answer; not ready until it does")
-            self.metrics.legacy_up.set(1 if self.legacy_up else 0)
+            self.metrics.set_legacy_up(self.legacy_up)
 
     def candidate_facts(self) -> dict[str, str] | None:
         """What operators may read about the candidate (an in-process one runs in the engine: its runtime)."""
@@ -136,7 +136,7 @@ class Dispatcher:
                 loads.append(self.loader.load(pair.name, "candidate", pair.candidate, required=False))
         await asyncio.gather(*loads)
         for pair in self.pairs.values():
-            pair.metrics.legacy_up.set(1)
+            pair.metrics.set_legacy_up(True)
             self._spawn(self._watch_legacy(pair))
 
     async def _watch_legacy(self, pair: ModelPair) -> None:

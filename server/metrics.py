@@ -192,7 +192,6 @@ class ModelMetrics:
         self.serve_percent = metrics.serve_percent.labels(model)
         self.circuit_open = metrics.circuit_open.labels(model)
         self.circuit_open.set(0)
-        self.legacy_up = metrics.legacy_up.labels(model)
         self._rollout: tuple[str, ...] | None = None
         self._requests: dict[tuple[str, str], Counter] = {}
         self._errors: dict[tuple[str, str], Counter] = {}
@@ -208,6 +207,10 @@ class ModelMetrics:
         if child is None:
             child = self._requests[(code, served_by)] = self._metrics.requests.labels(self.model, code, served_by)
         return child
+
+    def set_legacy_up(self, up: bool) -> None:
+        """Bound on first use: a process that never calls the legacy (the engine) must not report it down."""
+        self._metrics.legacy_up.labels(self.model).set(1 if up else 0)
 
     def request(self, code: str, served_by: str) -> None:
         self._request_child(code, served_by).inc()
