@@ -328,7 +328,8 @@ class EngineConfig(Strict):
         "candidate runners; null: none")
     queue_bytes: int = Field(
         64 * 1024 * 1024, ge=1024 * 1024, description="shared-memory hand-off queue per primary worker; a hand-off "
-        "that does not fit is skipped and counted as saturated")
+        "that does not fit is skipped and counted as saturated, and one larger than half of it (request and answer "
+        "together) never fits")
     restart_backoff_s: float = Field(0.5, gt=0, description="first pause before a dead engine is restarted; doubles "
                                      "up to 30 s while it keeps dying")
     hang_s: float = Field(10.0, gt=0, description="an engine whose heartbeat is older than this is killed and restarted")
