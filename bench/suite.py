@@ -57,7 +57,7 @@ class Settings:
 FULL = Settings(quick=False, repeats=5, serial=400, isolation=1200, saturation=2500, rate_s=5.0,
                 completeness_s=20.0, memory_s=300.0, scale_out=4000, stall_s=120.0, floor_s=30.0,
                 burst_mib=200, bursts=3, drain_s=2.0, calls=4000)
-QUICK = Settings(quick=True, repeats=2, serial=60, isolation=150, saturation=400, rate_s=1.5,
+QUICK = Settings(quick=True, repeats=1, serial=60, isolation=150, saturation=400, rate_s=1.5,
                  completeness_s=2.0, memory_s=5.0, scale_out=300, stall_s=3.0, floor_s=1.0,
                  burst_mib=64, bursts=1, drain_s=0.5, calls=300)
 
