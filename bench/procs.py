@@ -75,6 +75,15 @@ def rss_bytes(pid: int) -> int:
         return 0
 
 
+def private_rss_bytes(pid: int) -> int:
+    """Resident memory of `pid` alone (RssAnon): without shared pages such as the hand-off ring's."""
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            return next(int(line.split()[1]) * 1024 for line in status if line.startswith("RssAnon:"))
+    except (OSError, StopIteration):
+        return 0
+
+
 def pin(pid: int, cpus: Iterable[int], with_descendants: bool = True) -> None:
     """Place every thread of `pid`, and of its descendants unless told not to, on `cpus` (new threads inherit it).
 
