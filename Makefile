@@ -29,8 +29,10 @@ system-deps:
 demo: install
 	$(VENV)/bin/shadowserve demo
 
+# Two at a time (one test file per worker), then alone the tests that measure time, memory or load.
 test: install system-deps
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist loadfile -m "not solo"
+	$(PY) -m pytest -q -m solo
 
 bench: install system-deps
 	$(PY) -m bench --out BENCHMARKS.md

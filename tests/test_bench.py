@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.solo  # measures its figures and loads both cores: runs alone, after the tests that run in parallel
+
 ROOT = Path(__file__).resolve().parent.parent
 
 

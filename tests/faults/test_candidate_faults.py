@@ -24,7 +24,8 @@ from tests.faults.load import (
 from tests.support.gateway import GatewayProcess
 from tests.support.kserve import Behaviour, scale_by, start_model_server
 
-pytestmark = pytest.mark.asyncio(loop_scope="module")
+pytestmark = [pytest.mark.asyncio(loop_scope="module"),
+              pytest.mark.solo]  # measures time: runs alone, after the tests that run in parallel
 
 LEGACY_DELAY_S = 0.005
 CANDIDATE_TIMEOUT_S = 1.0

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 
 import numpy as np
+import pytest
 import tritonclient.grpc.aio as triton_aio
 
 from tests.faults.load import (
@@ -18,6 +19,8 @@ from tests.faults.load import (
 )
 from tests.support.gateway import GatewayProcess
 from tests.support.kserve import Behaviour, scale_by
+
+pytestmark = pytest.mark.solo  # measures time or memory: runs alone, after the tests that run in parallel
 
 MIB = 1 << 20
 MAX_MESSAGE_BYTES = 256 * MIB  # above a 200 MiB tensor and its message's framing

@@ -12,6 +12,8 @@ from server.config import ServerConfig
 from server.dispatch import Dispatcher
 from server.loop_load import LoopLoad
 
+pytestmark = pytest.mark.solo  # measures how busy a loop is: runs alone, after the tests that run in parallel
+
 
 def measure(work) -> list[float]:
     """Busy shares reported while `work` runs on a loop started by `loop_load.run`."""

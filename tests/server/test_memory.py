@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import tritonclient.grpc.aio as triton_aio
 import yaml
 
 from bench.procs import cmdline, descendants, rss_bytes
 from tests.support.gateway import GatewayProcess, eventually
 from tests.support.kserve import Behaviour, scale_by, start_model_server
+
+pytestmark = pytest.mark.solo  # measures a process's memory: runs alone, after the tests that run in parallel
 
 MIB = 1 << 20
 

@@ -18,6 +18,8 @@ from tests.conftest import running_gateway, sample
 from tests.server.test_end_to_end import wait_for
 from tests.support.kserve import Behaviour, scale_by, start_model_server
 
+pytestmark = pytest.mark.solo  # measures how busy the gateway's loop is: runs alone, after the tests that run in parallel
+
 PAIR_TENSORS = {
     "inputs": [{"name": "x", "datatype": "FP32", "shape": [-1, 4]}],
     "outputs": [{"name": "y", "datatype": "FP32", "shape": [-1, 4]}],
