@@ -94,6 +94,8 @@ class EngineProcess:
         finally:
             os.close(status_read)
         if not line:
+            if self._stopping.is_set():  # the gateway is stopping: no engine is wanted any more
+                return False
             log.error("the shadow engine (pid %d) did not start within %gs; serving without it",
                       self.process.pid, self.settings.start_timeout_s)
             return False
