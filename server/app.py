@@ -12,11 +12,11 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-from prometheus_client import CollectorRegistry, disable_created_metrics, start_http_server
+from prometheus_client import CollectorRegistry, disable_created_metrics
 
 from server.config import Config, host_port
 from server.dispatch import Dispatcher
-from server.exposition import GatewayRegistry
+from server.exposition import GatewayRegistry, start_metrics_server
 from server.grpc_front import start_grpc_server, update_health
 from server.handoff import HandoffWriter, SharedState
 from server.metrics import Metrics
@@ -92,7 +92,7 @@ class Gateway:
         self._tasks.append(asyncio.get_running_loop().create_task(self._refresh_health(self._health)))
         if self.serve_metrics:
             host, port = host_port(server.metrics_listen)
-            self._http, _ = start_http_server(port, host, registry=self.registry)
+            self._http = start_metrics_server(host, port, self.registry)
             self.metrics_port = self._http.server_port
         if self.engine is None:  # one of several workers: the process that runs the engine tells the rest
             log.info("worker serving %s: gRPC port %d", sorted(self.dispatcher.pairs), self.grpc_port)

@@ -37,6 +37,7 @@ from server.handoff import SERVED, SERVED_FAILED, SHADOW_CALL, Handoff, Route, R
 from server.loading import Loader
 from server.metrics import Metrics, ModelMetrics
 from server.outcomes import ComparisonQueue
+from server.priority import lower_this_process
 from server.supervisor import die_with_parent
 from server.window import RecentWindow
 
@@ -366,7 +367,7 @@ async def serve(spec: dict) -> None:
 
 def _yield_to_primaries(settings: EngineConfig) -> None:
     """Lower priority and bounded memory for this process and what it starts; gone when the gateway goes."""
-    os.nice(settings.nice)
+    lower_this_process(settings.nice, settings.idle_priority)
     if settings.memory_limit_bytes is not None:
         resource.setrlimit(resource.RLIMIT_AS, (settings.memory_limit_bytes, settings.memory_limit_bytes))
     die_with_parent()

@@ -7,11 +7,17 @@ A gateway process reads that folder beside its own registry and adds up series b
 from __future__ import annotations
 
 import logging
+import socket
+import socketserver
+import threading
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, make_wsgi_app
 from prometheus_client.metrics_core import Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.samples import Sample
+
+from server.priority import run_when_idle
 
 log = logging.getLogger("shadowserve")
 
@@ -57,3 +63,31 @@ class GatewayRegistry(CollectorRegistry):
                 error = exc
         log.warning("metrics of the shadow engine could not be read this time (%s); /metrics shows the rest", error)
         return []
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+class _ThreadPerScrape(socketserver.ThreadingMixIn, WSGIServer):
+    daemon_threads = True
+
+
+def start_metrics_server(host: str, port: int, registry: CollectorRegistry) -> WSGIServer:
+    """/metrics on HOST:PORT, each scrape rendered by a thread of its own at idle CPU priority.
+
+    Rendering takes milliseconds of CPU; on a core shared with a primary, a scrape at normal
+    priority holds the core that long while requests wait.
+    """
+    metrics_app = make_wsgi_app(registry)
+
+    def app(environ, start_response):
+        run_when_idle()
+        return metrics_app(environ, start_response)
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    server_class = type("MetricsServer", (_ThreadPerScrape,), {"address_family": family})
+    server = make_server(host, port, app, server_class, handler_class=_QuietHandler)
+    threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
+    return server

@@ -102,9 +102,9 @@ def run_workers(config: Config, config_path: Path, count: int, log_level: str = 
     children = {_fork(index, config, shared, wake_write, (wake_read,)): index for index in range(count)}
     log.info("started %d workers: %s", count, list(children))
 
-    from prometheus_client import CollectorRegistry, multiprocess, start_http_server
+    from prometheus_client import CollectorRegistry, multiprocess
 
-    from server.exposition import GatewayRegistry
+    from server.exposition import GatewayRegistry, start_metrics_server
     from server.metrics import Metrics
     from server.supervisor import MAX_BACKOFF_S, STABLE_S, EngineProcess
 
@@ -113,7 +113,7 @@ def run_workers(config: Config, config_path: Path, count: int, log_level: str = 
     engine.start()
     registry = GatewayRegistry(CollectorRegistry(), metrics_dir)  # reads again when a dead worker's files go
     host, port = host_port(config.server.metrics_listen)
-    http, _ = start_http_server(port, host, registry=registry)
+    http = start_metrics_server(host, port, registry)
     log.info("serving %s: gRPC port %s, metrics port %d, admin port %d",
              sorted(model.name for model in config.models), host_port(grpc_listen)[1], http.server_port, engine.admin_port)
 

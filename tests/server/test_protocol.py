@@ -4,6 +4,7 @@ nothing internal disclosed, and ports bound where the operator asks."""
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 import urllib.request
 from pathlib import Path
@@ -295,3 +296,23 @@ async def test_every_port_binds_where_the_operator_asks(model_servers):
             name: {"127.0.0.1"} for name in ports}
         with urllib.request.urlopen(f"http://127.0.0.1:{gateway.metrics_port}/metrics", timeout=10) as reply:
             assert b"shadowserve_requests_total" in reply.read()
+
+
+async def test_a_scrape_is_rendered_at_idle_cpu_priority_and_leaves_the_serving_thread_as_it_was(model_servers):
+    legacy_url, _ = await model_servers(TritonCodecModel())
+    policies: list[int] = []
+
+    class Probe:
+        """Notes the scheduling policy of the thread that renders /metrics."""
+
+        def collect(self):
+            policies.append(os.sched_getscheduler(0))
+            return []
+
+    async with running_gateway({"models": [pair(legacy_url)]}) as gateway:
+        gateway.registry.own.register(Probe())
+        for _ in range(2):
+            with urllib.request.urlopen(f"http://127.0.0.1:{gateway.metrics_port}/metrics", timeout=10) as reply:
+                assert b"shadowserve_requests_total" in reply.read()
+    assert policies == [os.SCHED_IDLE, os.SCHED_IDLE]
+    assert os.sched_getscheduler(0) == os.SCHED_OTHER
