@@ -324,8 +324,9 @@ class EngineConfig(Strict):
 
     nice: int = Field(10, ge=0, le=19, description="CPU niceness added to the engine, so primaries win the cores")
     idle_priority: bool = Field(
-        True, description="schedule the engine SCHED_IDLE (Linux): a primary that wakes takes the core from it at "
-        "once, instead of after the engine's time slice; false: only `nice` lowers it")
+        False, description="schedule the engine SCHED_IDLE (Linux): a primary that wakes takes the core from it at "
+        "once, instead of after the engine's time slice, but while the primaries keep every core busy the engine "
+        "gets almost none and skips nearly all shadow work; false: only `nice` lowers it")
     memory_limit_bytes: int | None = Field(
         None, ge=256 * 1024 * 1024, description="address-space limit (RLIMIT_AS) of the engine and of in-process "
         "candidate runners; null: none")
