@@ -8,18 +8,16 @@ import os
 log = logging.getLogger("shadowserve")
 
 
-def run_when_idle(thread_id: int = 0) -> bool:
+def run_when_idle(thread_id: int = 0) -> None:
     """Schedule a thread (0: the calling one), and threads it starts from now on, as SCHED_IDLE (Linux).
 
     Unlike `nice`, which only shares the core less, SCHED_IDLE gives it up at once to any primary
-    that wakes: a request never waits behind this thread's time slice. False where not allowed.
+    that wakes: a request never waits behind this thread's time slice. Left as it is where not allowed.
     """
     try:
         os.sched_setscheduler(thread_id, os.SCHED_IDLE, os.sched_param(0))
-        return True
     except (AttributeError, OSError) as exc:
         log.debug("SCHED_IDLE not available (%s)", exc)
-        return False
 
 
 def lower_this_process(nice: int, idle: bool) -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.solo  # measures its figures and loads both cores: runs alone, after the tests that run in parallel
+pytestmark = pytest.mark.solo
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -24,8 +24,7 @@ from tests.faults.load import (
 from tests.support.gateway import GatewayProcess
 from tests.support.kserve import Behaviour, scale_by, start_model_server
 
-pytestmark = [pytest.mark.asyncio(loop_scope="module"),
-              pytest.mark.solo]  # measures time: runs alone, after the tests that run in parallel
+pytestmark = [pytest.mark.asyncio(loop_scope="module"), pytest.mark.solo]
 
 LEGACY_DELAY_S = 0.005
 CANDIDATE_TIMEOUT_S = 1.0

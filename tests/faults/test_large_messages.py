@@ -20,7 +20,7 @@ from tests.faults.load import (
 from tests.support.gateway import GatewayProcess
 from tests.support.kserve import Behaviour, scale_by
 
-pytestmark = pytest.mark.solo  # measures time or memory: runs alone, after the tests that run in parallel
+pytestmark = pytest.mark.solo
 
 MIB = 1 << 20
 MAX_MESSAGE_BYTES = 256 * MIB  # above a 200 MiB tensor and its message's framing

@@ -16,7 +16,7 @@ from tests.server.test_drain import alive, exited, health_is, reaped, until
 from tests.support.gateway import GatewayProcess, eventually
 from tests.support.kserve import Behaviour, scale_by
 
-pytestmark = pytest.mark.solo  # measures time or memory: runs alone, after the tests that run in parallel
+pytestmark = pytest.mark.solo
 
 LEGACY_DELAY_S = 0.005  # requests are in flight whenever the port closes or a worker dies
 DRAIN_S = 5.0  # time enough to see answers counted and health NOT_SERVING while draining on a loaded machine

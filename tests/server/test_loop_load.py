@@ -12,7 +12,7 @@ from server.config import ServerConfig
 from server.dispatch import Dispatcher
 from server.loop_load import LoopLoad
 
-pytestmark = pytest.mark.solo  # measures how busy a loop is: runs alone, after the tests that run in parallel
+pytestmark = pytest.mark.solo
 
 
 def measure(work) -> list[float]:

@@ -11,7 +11,7 @@ from bench.procs import cmdline, descendants, rss_bytes
 from tests.support.gateway import GatewayProcess, eventually
 from tests.support.kserve import Behaviour, scale_by, start_model_server
 
-pytestmark = pytest.mark.solo  # measures a process's memory: runs alone, after the tests that run in parallel
+pytestmark = pytest.mark.solo
 
 MIB = 1 << 20
 

@@ -18,7 +18,7 @@ from tests.conftest import running_gateway, sample
 from tests.server.test_end_to_end import wait_for
 from tests.support.kserve import Behaviour, scale_by, start_model_server
 
-pytestmark = pytest.mark.solo  # measures how busy the gateway's loop is: runs alone, after the tests that run in parallel
+pytestmark = pytest.mark.solo
 
 PAIR_TENSORS = {
     "inputs": [{"name": "x", "datatype": "FP32", "shape": [-1, 4]}],
