@@ -7,6 +7,8 @@ import asyncio
 import concurrent.futures
 import dataclasses
 import logging
+import threading
+import time
 from typing import Sequence
 
 import numpy as np
@@ -87,6 +89,7 @@ class InProcessBackend(Backend):
         self._executor = concurrent.futures.ThreadPoolExecutor(
             max_workers=getattr(config, "threads", 1), thread_name_prefix=f"{self.runtime}-backend"
         )
+        self._running_since: dict[int, float] = {}  # by thread: when its inference started
 
     @abc.abstractmethod
     def load_blocking(self) -> None: ...
@@ -105,7 +108,14 @@ class InProcessBackend(Backend):
         except TimeoutError:
             raise BackendTimeout(f"{self.runtime} inference exceeded {timeout_s:g}s") from None
 
+    def longest_running_s(self) -> float:
+        """How long the oldest inference now running has run; a call still queued for a thread has not started."""
+        started = list(self._running_since.values())
+        return time.monotonic() - min(started) if started else 0.0
+
     def _run_checked(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        thread = threading.get_ident()
+        self._running_since[thread] = time.monotonic()
         try:
             return self.run_blocking(inputs)
         except ShadowServeError:
@@ -113,6 +123,8 @@ class InProcessBackend(Backend):
         except Exception as exc:  # the runtime's own text stays in the log: it can disclose internals
             logging.getLogger("shadowserve.adapters").exception("%s inference failed", self.runtime)
             raise BackendError(f"{self.runtime} inference failed; the gateway log has the details") from exc
+        finally:
+            del self._running_since[thread]
 
     async def close(self) -> None:
         await super().close()

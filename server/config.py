@@ -352,7 +352,10 @@ class ServerConfig(Strict):
         None, description="file holding the token every admin call must carry (`authorization: Bearer TOKEN`); "
         "read on every call, so a rotated token applies at once; null: no token asked")
     max_message_bytes: int = Field(256 * 1024 * 1024, ge=4 * 1024 * 1024)
-    max_shadow_in_flight: int = Field(64, ge=1, description="shadow calls beyond this are skipped")
+    max_shadow_in_flight: int = Field(64, ge=1, description="candidate calls of shadowed requests running at once")
+    max_shadow_waiting: int = Field(
+        1024, ge=0, description="shadowed requests that wait for a free call while max_shadow_in_flight run, at most "
+        "engine.queue_bytes of them; beyond either, they are skipped and counted as saturated")
     max_comparisons_queued: int = Field(256, ge=1, description="comparisons beyond this are skipped")
     shed_shadow_from_loop_busy: float | None = Field(
         0.85, gt=0, le=1,

@@ -12,6 +12,7 @@ Run by `server/supervisor.py` as `python -m server.engine`, with its start-up sp
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import logging
 import math
@@ -93,6 +94,11 @@ class Engine:
         self.max_shadow_in_flight = server.max_shadow_in_flight
         self.compare_outputs = server.compare
         self.shadow_in_flight = 0
+        self.max_shadow_waiting = server.max_shadow_waiting
+        self.max_waiting_bytes = server.engine.queue_bytes
+        self._waiting: collections.deque[tuple[ShadowPair, Handoff]] = collections.deque()
+        self._waiting_bytes = 0
+        self._stuck = False  # an in-process candidate is stuck: the engine is exiting
         self.by_index: list[ShadowPair] = []
         for model, route in zip(config.models, shared.routes):
             candidate = create_backend(model.candidate, model.inputs, model.outputs) if model.candidate else None
@@ -172,8 +178,22 @@ class Engine:
             self.shared.beat()
             for pair in self.by_index:
                 pair.route.set_circuit_open(pair.breaker.paused)
+            self._stop_a_stuck_candidate()
             self.drain()
             await asyncio.sleep(TICK_S)
+
+    def _stop_a_stuck_candidate(self) -> None:
+        """An in-process inference running past its deadline cannot be stopped, only its process: the engine exits,
+        and the supervisor starts a new one without the stuck thread. Calls that timed out while queued never ran."""
+        for pair in self.by_index if not self._stuck else ():
+            candidate = pair.candidate
+            if isinstance(candidate, InProcessBackend) and candidate.longest_running_s() > candidate.config.timeout_s:
+                self._stuck = True
+                self.metrics.candidate_killed.labels(pair.name).inc()
+                log.error("model %s: an in-process candidate inference ran past its %gs deadline; restarting the "
+                          "shadow engine to stop it", pair.name, candidate.config.timeout_s)
+                asyncio.get_running_loop().call_later(0.1, os._exit, EXIT_STUCK_CANDIDATE)
+                return
 
     def _woken(self, wake_fd: int) -> None:
         try:
@@ -212,13 +232,28 @@ class Engine:
             self._candidate_failed(pair)
 
     def _start_shadow(self, pair: ShadowPair, record: Handoff) -> None:
-        candidate = pair.candidate
-        if candidate is None:
+        """Call the candidate now, or once a slot frees up; past what may wait, skip it as saturated."""
+        if pair.candidate is None:
             return
+        if self.shadow_in_flight < self.max_shadow_in_flight and not self._waiting:
+            self._call(pair, record)
+        elif (len(self._waiting) < self.max_shadow_waiting
+              and self._waiting_bytes + record.nbytes <= self.max_waiting_bytes):
+            self._waiting.append((pair, record))
+            self._waiting_bytes += record.nbytes
+        else:
+            pair.metrics.skipped["saturated"].inc()
+
+    def _call_waiting(self) -> None:
+        while self._waiting and self.shadow_in_flight < self.max_shadow_in_flight:
+            pair, record = self._waiting.popleft()
+            self._waiting_bytes -= record.nbytes
+            self._call(pair, record)
+
+    def _call(self, pair: ShadowPair, record: Handoff) -> None:
+        candidate = pair.candidate
         if not candidate.ready:
             pair.metrics.skipped["error"].inc()
-        elif self.shadow_in_flight >= self.max_shadow_in_flight:
-            pair.metrics.skipped["saturated"].inc()
         elif not pair.breaker.allow():
             pair.metrics.skipped["circuit_open"].inc()
             self._candidate_failed(pair)
@@ -227,25 +262,11 @@ class Engine:
             pair.metrics.in_flight.inc()
             self._spawn(self._shadow(pair, candidate, record))
 
-    async def call_candidate(self, pair: ShadowPair, inputs: Outputs, timeout_s: float) -> Outputs:
-        """One inference of `pair`'s candidate. An in-process one that overruns its deadline cannot be stopped:
-        the engine exits right after answering, so the supervisor restarts it without the stuck thread."""
-        assert pair.candidate is not None
-        try:
-            return await pair.candidate.infer(inputs, timeout_s)
-        except BackendTimeout:
-            if isinstance(pair.candidate, InProcessBackend):
-                self.metrics.candidate_killed.labels(pair.name).inc()
-                log.error("model %s: in-process candidate ran past its %gs deadline; restarting the shadow engine to "
-                          "stop it", pair.name, timeout_s)
-                asyncio.get_running_loop().call_later(0.1, os._exit, EXIT_STUCK_CANDIDATE)
-            raise
-
     async def _shadow(self, pair: ShadowPair, candidate: Backend, record: Handoff) -> None:
         loop = asyncio.get_running_loop()
         start = loop.time()
         try:
-            outputs = await self.call_candidate(pair, record.inputs, candidate.config.timeout_s)
+            outputs = await candidate.infer(record.inputs, candidate.config.timeout_s)
         except Exception as exc:
             failure = exc if isinstance(exc, ShadowServeError) else None
             if failure is None:
@@ -262,6 +283,7 @@ class Engine:
             pair.window.latency("candidate", elapsed)
             self.shadow_in_flight -= 1
             pair.metrics.in_flight.dec()
+            self._call_waiting()
         pair.breaker.succeeded()
         self._schedule_comparison(pair, record.legacy, outputs, record, served=False)
 
@@ -315,7 +337,7 @@ class CandidateService(service_pb2_grpc.GRPCInferenceServiceServicer):
             raise ModelNotReady(f"model {pair.name!r}: the candidate is not loaded in the shadow engine")
         inputs = decode_inputs(request, {tensor.name: tensor for tensor in pair.config.inputs})
         timeout_s = context.time_remaining() or pair.candidate.config.timeout_s
-        outputs = await self.engine.call_candidate(pair, inputs, timeout_s)
+        outputs = await pair.candidate.infer(inputs, timeout_s)
         return encode_response(pair.name, "", request, outputs)
 
 

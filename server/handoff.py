@@ -61,6 +61,10 @@ class Handoff:
     reason: str = ""  # SERVED_FAILED: one of FAILURE_REASONS
     source: "Ring | None" = None  # the ring it came through
 
+    @property
+    def nbytes(self) -> int:
+        return sum(array.nbytes for group in (self.inputs, self.legacy, self.candidate) for array in group.values())
+
     def judged(self) -> None:
         """A SERVED record's verdict reached the guard (or never will): its primary may serve one more."""
         if self.kind == SERVED and self.source is not None:

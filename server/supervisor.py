@@ -27,6 +27,11 @@ MAX_BACKOFF_S = 30.0
 STABLE_S = 30.0  # an engine that ran this long before dying restarts after the first pause again
 STOP_GRACE_S = 5.0
 
+# The engine runs below the primaries. A parallel op waits for all its threads, and at low priority a waiting
+# thread loses its core: on a busy machine one small torch inference took 60 ms instead of 1. So each inference
+# (and each comparison's numpy call) keeps to one core; a backend's `threads` runs several at once.
+ONE_CORE_PER_INFERENCE = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
 
 def die_with_parent(signum: int = signal.SIGKILL) -> None:
     """Ask the kernel to send `signum` to this process when its parent dies: no orphans after a kill -9."""
@@ -81,7 +86,7 @@ class EngineProcess:
             "parent_pid": os.getpid(),
             "log_level": self.log_level,
         }
-        env = dict(os.environ, PROMETHEUS_MULTIPROC_DIR=self.metrics_dir)
+        env = dict(os.environ, PROMETHEUS_MULTIPROC_DIR=self.metrics_dir, **ONE_CORE_PER_INFERENCE)
         self.process = subprocess.Popen(
             [sys.executable, "-m", "server.engine"], stdin=subprocess.PIPE, env=env,
             pass_fds=(self.shared.fd, self.wake_read, status_write))

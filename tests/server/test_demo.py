@@ -15,14 +15,15 @@ def summary_rows(output: str) -> dict[str, dict[str, str]]:
 
 
 def percent(cell: str) -> float:
-    return float(cell.rstrip("%"))
+    return float(cell.rstrip("%")) if cell != "-" else float("nan")
 
 
 async def test_demo_summary_separates_the_faithful_port_from_the_buggy_one(capsys, tmp_path):
     assert await run_demo(requests=200, workdir=str(tmp_path)) == 0
-    rows = summary_rows(capsys.readouterr().out)
+    output = capsys.readouterr().out
+    rows = summary_rows(output)
     faithful, buggy = rows["classifier"], rows["classifier_bgr"]
-    assert percent(faithful["match"]) == 100.0 and percent(faithful["top-1 agree"]) == 100.0
-    assert percent(buggy["match"]) < 80.0 and percent(buggy["top-1 agree"]) < 80.0
+    assert percent(faithful["match"]) == 100.0 and percent(faithful["top-1 agree"]) == 100.0, output
+    assert percent(buggy["match"]) < 80.0 and percent(buggy["top-1 agree"]) < 80.0, output
     for row in (faithful, buggy):
-        assert int(row["compared"]) + int(row["skipped"]) == 200  # every shadowed request accounted for
+        assert int(row["compared"]) + int(row["skipped"]) == 200, output  # every shadowed request accounted for

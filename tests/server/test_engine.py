@@ -27,12 +27,16 @@ class Scale(torch.nn.Module):
 
 
 class Spin(torch.nn.Module):
-    """Answers after a long busy loop: far past any deadline the tests give it."""
+    """Answers after a busy loop; by default far past any deadline the tests give it."""
+
+    def __init__(self, iterations: int = 2_000_000_000) -> None:
+        super().__init__()
+        self.iterations = iterations
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         total = torch.zeros(1)
         i = 0
-        while i < 2_000_000_000:
+        while i < self.iterations:
             total = total + 1.0
             i += 1
         return x * 2 + total * 0
@@ -157,6 +161,25 @@ async def test_an_in_process_candidate_stuck_past_its_deadline_is_killed_with_it
         assert not load.failures, load.failures[:3]
         assert load.answers and set(load.answers) == {LEGACY}
         assert sample(registry, "shadowserve_candidate_killed_total", model="m") >= 1
+
+
+async def test_calls_that_time_out_waiting_for_a_busy_in_process_candidate_leave_the_engine_running(legacy_url, tmp_path):
+    # Each inference takes milliseconds, far inside the deadline; 60 at once on one thread queue for longer.
+    candidate = {"runtime": "torch", "path": torchscript(Spin(iterations=5_000), tmp_path / "busy.pt"),
+                 "timeout_s": 0.2}
+    config = {"models": [pair(legacy_url, candidate, shadow_percent=100, circuit_breaker={"failures": 1000})]}
+    async with running_gateway(config) as gateway:
+        registry = gateway.registry
+        first_engine = gateway.engine.pid
+        async with triton_aio.InferenceServerClient(f"127.0.0.1:{gateway.grpc_port}") as client:
+            await wait_for(lambda: gateway.dispatcher.pairs["m"].candidate.ready, timeout_s=30)
+            assert set(await asyncio.gather(*(ask(client) for _ in range(60)))) == {LEGACY}
+        timeouts = lambda: sample(registry, "shadowserve_shadow_skipped_total", model="m", reason="timeout")  # noqa: E731
+        await wait_for(lambda: sample(registry, "shadowserve_comparisons_total", model="m", verdict="match")
+                       + timeouts() == 60)
+        assert timeouts() >= 1
+        assert sample(registry, "shadowserve_candidate_killed_total", model="m") == 0
+        assert sample(registry, "shadowserve_engine_restarts_total") == 0 and gateway.engine.pid == first_engine
 
 
 async def test_the_engine_captures_mismatched_requests_with_both_answers(legacy_url, model_server, tmp_path):

@@ -136,23 +136,23 @@ async def test_garbage_candidate_is_a_mismatch(backends):
 async def test_slow_candidate_neither_delays_the_answer_nor_queues_without_bound(backends):
     legacy_url, legacy, candidate_url, candidate = backends
     candidate.delay_s = 60.0  # stalled: every shadow call runs into its 3 s deadline
-    async with running_gateway(config(legacy_url, candidate_url, candidate_timeout_s=3.0,
-                                      server={"max_shadow_in_flight": 4})) as gateway:
+    server = {"max_shadow_in_flight": 4, "max_shadow_waiting": 4}
+    async with running_gateway(config(legacy_url, candidate_url, candidate_timeout_s=3.0, server=server)) as gateway:
+        registry = gateway.registry
+        skipped = lambda reason: sample(registry, "shadowserve_shadow_skipped_total", model="m", reason=reason)  # noqa: E731
         async with triton_aio.InferenceServerClient(f"127.0.0.1:{gateway.grpc_port}") as client:
             latencies = []
             for _ in range(12):
                 start = time.perf_counter()
                 assert np.array_equal(await infer(client, X), X * 2)
                 latencies.append(time.perf_counter() - start)
-            await wait_for(lambda: candidate.calls == 4)  # the first four hold every shadow slot; the rest are skipped
+            # Four calls hold every slot and four requests wait for them; the other four are skipped.
+            await wait_for(lambda: candidate.calls == 4 and skipped("saturated") == 4)
         # An answer that waited for the candidate would take its 3 s deadline.
         assert max(latencies) < 1.5, latencies
-        registry = gateway.registry
-        skipped = lambda reason: sample(registry, "shadowserve_shadow_skipped_total", model="m", reason=reason)  # noqa: E731
-        await wait_for(lambda: skipped("saturated") == 8)  # not queued
-        await wait_for(lambda: skipped("timeout") == 4)
-        assert candidate.calls == 4
-        assert sample(registry, "shadowserve_backend_errors_total", model="m", role="candidate", code="DEADLINE_EXCEEDED") == 4
+        await wait_for(lambda: skipped("timeout") == 8)  # the waiting four are called once the first four time out
+        assert candidate.calls == 8 and skipped("saturated") == 4
+        assert sample(registry, "shadowserve_backend_errors_total", model="m", role="candidate", code="DEADLINE_EXCEEDED") == 8
         await wait_for(lambda: sample(registry, "shadowserve_shadow_in_flight", model="m") == 0)
 
 
