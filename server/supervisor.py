@@ -54,7 +54,6 @@ class EngineProcess:
         os.set_blocking(self.wake_write, False)
         self.process: subprocess.Popen | None = None
         self.admin_port = 0
-        self.restarts = 0
         self._stopping = threading.Event()
         self._ready = threading.Event()
         self._monitor: threading.Thread | None = None
@@ -148,10 +147,9 @@ class EngineProcess:
             if self._stopping.wait(backoff):
                 return
             backoff = min(backoff * 2, MAX_BACKOFF_S)
-            self.restarts += 1
-            self.metrics.engine_restarts.inc()
             started = time.monotonic()
             self._spawn()
+            self.metrics.engine_restarts.inc()  # once the new engine exists: a reader never sees a count without it
 
     def _mark_dead(self, pid: int) -> None:
         from prometheus_client import multiprocess
