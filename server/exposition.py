@@ -6,9 +6,12 @@ A gateway process reads that folder beside its own registry and adds up series b
 
 from __future__ import annotations
 
+import glob
 import logging
+import os
 import socket
 import socketserver
+import struct
 import threading
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
@@ -49,20 +52,32 @@ class GatewayRegistry(CollectorRegistry):
     def __init__(self, own: CollectorRegistry, shared_dir: str) -> None:
         super().__init__(auto_describe=False)
         self.own = own
-        self.shared = MultiProcessCollector(None, shared_dir)
+        self.shared_dir = shared_dir
 
     def collect(self):
         yield from merge([*self.own.collect(), *self._shared_families()])
 
     def _shared_families(self) -> list[Metric]:
-        """The folder's series; a file removed mid-read (an engine that died is cleaned up) means reading again."""
+        """The folder's series, read again when a file changed under the read.
+
+        A restarted engine creates its files empty before it sizes them, and the files of an engine
+        that died are removed; neither may fail a scrape.
+        """
         for attempt in range(3):
+            files = [path for path in glob.glob(os.path.join(self.shared_dir, "*.db")) if _has_header(path)]
             try:
-                return list(self.shared.collect())
-            except (OSError, ValueError) as exc:
+                return list(MultiProcessCollector.merge(files, accumulate=True))
+            except (OSError, ValueError, RuntimeError, struct.error) as exc:
                 error = exc
         log.warning("metrics of the shadow engine could not be read this time (%s); /metrics shows the rest", error)
         return []
+
+
+def _has_header(path: str) -> bool:
+    try:
+        return os.path.getsize(path) >= 8
+    except OSError:
+        return False
 
 
 class _QuietHandler(WSGIRequestHandler):
