@@ -38,6 +38,16 @@ def create_backend(
     return backend_class(config.runtime)(config, inputs, outputs)  # type: ignore[attr-defined]
 
 
+def shadow_candidate(
+    config: "BackendConfig", inputs: Sequence["TensorConfig"], outputs: Sequence["TensorConfig"]
+) -> "Backend":
+    """The candidate the shadow engine calls: a Triton or remote one over one stream where `shadow_calls` says so."""
+    candidate = create_backend(config, inputs, outputs)
+    if getattr(config, "shadow_calls", "unary") == "stream":
+        candidate.over_stream = True  # type: ignore[attr-defined]
+    return candidate
+
+
 IN_PROCESS_RUNTIMES = frozenset({"mxnet", "torch", "caffe"})
 
 

@@ -173,10 +173,14 @@ class RemoteConfig(BackendConfig):
     model: str = Field(min_length=1)
     version: str = ""
     tls: ChannelTLSConfig | None = Field(None, description="connect over TLS; null: plaintext")
+    shadow_calls: Literal["unary", "stream"] = Field(
+        "unary", description="how the shadow engine calls this candidate: a ModelInfer call each, or messages on one "
+        "long-lived ModelStreamInfer stream (less CPU per call; unary where the server serves no streams)")
 
 
 class TritonConfig(RemoteConfig):
     runtime: Literal["triton"]  # type: ignore[assignment]
+    shadow_calls: Literal["unary", "stream"] = "stream"  # every Triton server serves streams
 
 
 class CaffeConfig(BackendConfig):

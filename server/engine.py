@@ -85,7 +85,7 @@ class Engine:
     """Shadow calls, comparisons and verdicts for every primary of one gateway."""
 
     def __init__(self, config: Config, shared: SharedState, metrics: Metrics, config_path: Path | None = None) -> None:
-        from adapters import create_backend
+        from adapters import shadow_candidate
 
         self.config = config
         self.shared = shared
@@ -101,7 +101,7 @@ class Engine:
         self._stuck = False  # an in-process candidate is stuck: the engine is exiting
         self.by_index: list[ShadowPair] = []
         for model, route in zip(config.models, shared.routes):
-            candidate = create_backend(model.candidate, model.inputs, model.outputs) if model.candidate else None
+            candidate = shadow_candidate(model.candidate, model.inputs, model.outputs) if model.candidate else None
             outputs = [tensor.name for tensor in model.outputs]
             scores = [tensor.name for tensor in model.outputs if tensor.class_scores]
             capture = None

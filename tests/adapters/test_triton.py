@@ -350,6 +350,24 @@ async def test_adapter_infer_errors_carry_tritons_status(triton):
         await candidate.close()
 
 
+async def test_adapter_streams_concurrent_calls_to_triton_and_matches_each_answer(demo_models, triton):
+    candidate = backend(triton.url, timeout_s=10.0)
+    candidate.over_stream = True  # as the shadow engine calls it
+    await candidate.load()
+    try:
+        batches = image_batches(16, [1, 2, 3, 4])
+        answers = await asyncio.gather(*(candidate.infer({"image": images}) for images in batches))
+        for images, answer in zip(batches, answers):
+            want = direct_torch(demo_models.faithful_torch, images)
+            np.testing.assert_allclose(answer["probabilities"], want, rtol=0, atol=1e-6)
+        assert candidate._stream is not None and not candidate._stream.unsupported
+        with pytest.raises(BackendError) as raised:  # Triton answers an error on the stream with the call's id
+            await candidate.infer({"image": np.zeros((17, 3, 32, 32), np.float32)})
+        assert not isinstance(raised.value, BackendTimeout) and "batch" in str(raised.value)
+    finally:
+        await candidate.close()
+
+
 # -- the status mapping alone ---------------------------------------------------------------
 
 

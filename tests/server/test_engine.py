@@ -93,6 +93,17 @@ async def legacy_url(model_server):
     return url
 
 
+async def test_the_engine_calls_a_candidate_over_one_stream_where_the_config_asks(legacy_url, model_server):
+    candidate_url, candidate = await model_server(Behaviour(scale_by(2.0)))
+    streamed = {"runtime": "remote", "url": candidate_url, "model": "m", "shadow_calls": "stream"}
+    async with running_gateway({"models": [pair(legacy_url, streamed, shadow_percent=100)]}) as gateway:
+        async with triton_aio.InferenceServerClient(f"127.0.0.1:{gateway.grpc_port}") as client:
+            answers = [await ask(client) for _ in range(10)]
+        await wait_for(lambda: sample(gateway.registry, "shadowserve_comparisons_total", model="m", verdict="match") == 10)
+    assert answers == [LEGACY] * 10
+    assert candidate.streams_opened == 1 and candidate.calls == 10
+
+
 async def test_killing_the_engine_under_load_costs_no_answer_and_comparisons_resume(legacy_url, model_server):
     candidate_url, _ = await model_server(Behaviour(scale_by(2.0)))
     config = {"server": {"engine": {"restart_backoff_s": 0.2}},

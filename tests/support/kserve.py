@@ -29,12 +29,14 @@ class Behaviour:
     """What the server does per request; tests change fields while it runs."""
 
     transform: Transform = dataclasses.field(default_factory=lambda: scale_by(2.0))
-    delay_s: float = 0.0
+    delay_s: float | Callable[[dict[str, np.ndarray]], float] = 0.0  # or a delay that depends on the inputs
     busy: bool = False  # burn CPU for delay_s instead of sleeping
     fail_with: grpc.StatusCode | None = None
     gate: asyncio.Event | None = None  # while set to a cleared event, calls wait for it
     calls: int = 0
     metadata: pb.ModelMetadataResponse | None = None  # ModelMetadata's answer (a Triton adapter asks); else UNIMPLEMENTED
+    streams: bool = True  # serve ModelStreamInfer, as Triton does; else UNIMPLEMENTED
+    streams_opened: int = 0
 
 
 class ScriptedModelServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
@@ -56,25 +58,60 @@ class ScriptedModelServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         return self.behaviour.metadata
 
     async def ModelInfer(self, request, context):
+        answer = await self._answer(request)
+        if isinstance(answer, pb.ModelInferResponse):
+            return answer
+        return _failed(context, *answer)
+
+    async def ModelStreamInfer(self, request_iterator, context):
+        """Each message answered as soon as it is done, so answers may come back in another order, as Triton's do."""
+        if not self.behaviour.streams:
+            _failed(context, grpc.StatusCode.UNIMPLEMENTED, "no streams here")
+            return
+        self.behaviour.streams_opened += 1
+        answers: asyncio.Queue[pb.ModelStreamInferResponse] = asyncio.Queue()
+
+        async def answer(request):
+            result = await self._answer(request)
+            if isinstance(result, pb.ModelInferResponse):
+                await answers.put(pb.ModelStreamInferResponse(infer_response=result))
+            else:
+                await answers.put(pb.ModelStreamInferResponse(
+                    error_message=result[1], infer_response=pb.ModelInferResponse(id=request.id)))
+
+        async def read():
+            async with asyncio.TaskGroup() as running:
+                async for request in request_iterator:
+                    running.create_task(answer(request))
+
+        reading = asyncio.get_running_loop().create_task(read())
+        try:
+            while True:
+                yield await answers.get()
+        finally:
+            reading.cancel()
+
+    async def _answer(self, request) -> pb.ModelInferResponse | tuple[grpc.StatusCode, str]:
         behaviour = self.behaviour
         behaviour.calls += 1
         if request.model_name != self.model:
-            return _failed(context, grpc.StatusCode.NOT_FOUND, f"no model {request.model_name}")
-        if behaviour.gate is not None:
-            await behaviour.gate.wait()
-        if behaviour.delay_s:
-            if behaviour.busy:
-                end = asyncio.get_running_loop().time() + behaviour.delay_s
-                while asyncio.get_running_loop().time() < end:
-                    pass
-            else:
-                await asyncio.sleep(behaviour.delay_s)
-        if behaviour.fail_with is not None:
-            return _failed(context, behaviour.fail_with, "scripted failure")
+            return grpc.StatusCode.NOT_FOUND, f"no model {request.model_name}"
         inputs = {
             tensor.name: np.frombuffer(raw, V2_TO_NUMPY[tensor.datatype]).reshape(tensor.shape)
             for tensor, raw in zip(request.inputs, request.raw_input_contents)
         }
+        if behaviour.gate is not None:
+            await behaviour.gate.wait()
+        delay_s = behaviour.delay_s(inputs) if callable(behaviour.delay_s) else behaviour.delay_s
+        if delay_s:
+            if behaviour.busy:
+                end = asyncio.get_running_loop().time() + delay_s
+                while asyncio.get_running_loop().time() < end:
+                    pass
+            else:
+                await asyncio.sleep(delay_s)
+        if behaviour.fail_with is not None:
+            return behaviour.fail_with, "scripted failure"
         return encode_response(self.model, "1", request, behaviour.transform(inputs))
 
 

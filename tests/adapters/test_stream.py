@@ -1,0 +1,121 @@
+"""Candidate calls over one ModelStreamInfer stream (`shadow_calls: stream`), against real gRPC servers on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import numpy as np
+import pytest
+
+from adapters import shadow_candidate
+from server.config import RemoteConfig, TensorConfig
+from server.errors import BackendError, BackendTimeout
+from tests.support.kserve import Behaviour, start_model_server
+
+INPUTS = [TensorConfig(name="x", datatype="FP32", shape=[-1, 4])]
+OUTPUTS = [TensorConfig(name="y", datatype="FP32", shape=[-1, 4])]
+
+
+def streamed(url: str, **extra):
+    return shadow_candidate(RemoteConfig(runtime="remote", url=url, model="m", shadow_calls="stream", **extra),
+                            INPUTS, OUTPUTS)
+
+
+def x(value: float) -> dict[str, np.ndarray]:
+    return {"x": np.full((1, 4), value, np.float32)}
+
+
+async def test_concurrent_calls_share_one_stream_and_each_gets_its_own_answer(model_server):
+    # The first calls take longest, so the server answers them last: answers come back out of order.
+    url, server = await model_server(Behaviour(delay_s=lambda inputs: 0.2 - float(inputs["x"][0, 0]) / 100))
+    candidate = streamed(url)
+    await candidate.load()
+    try:
+        answers = await asyncio.gather(*(candidate.infer(x(value), 10.0) for value in range(16)))
+        assert [float(answer["y"][0, 0]) for answer in answers] == [2.0 * value for value in range(16)]
+        assert server.streams_opened == 1 and server.calls == 16
+    finally:
+        await candidate.close()
+
+
+async def test_a_server_without_streams_is_called_unary(model_server):
+    url, server = await model_server(Behaviour(streams=False))
+    candidate = streamed(url)
+    await candidate.load()
+    try:
+        for value in (1.0, 2.0, 3.0):
+            assert float((await candidate.infer(x(value), 10.0))["y"][0, 0]) == 2 * value
+        assert server.streams_opened == 0 and server.calls == 3
+    finally:
+        await candidate.close()
+
+
+async def test_a_call_past_its_deadline_times_out_and_its_late_answer_is_dropped(model_server):
+    gate = asyncio.Event()
+    url, server = await model_server(Behaviour(gate=gate))
+    candidate = streamed(url)
+    await candidate.load()
+    try:
+        with pytest.raises(BackendTimeout):
+            await candidate.infer(x(1.0), 0.2)
+        gate.set()  # the late answer to 1.0 arrives now and matches no waiting call
+        assert float((await candidate.infer(x(5.0), 10.0))["y"][0, 0]) == 10.0
+        assert server.streams_opened == 1
+    finally:
+        await candidate.close()
+
+
+async def test_an_error_fails_its_own_call_and_the_stream_carries_on(model_server):
+    url, server = await model_server(Behaviour(fail_with=grpc.StatusCode.INTERNAL))
+    candidate = streamed(url)
+    await candidate.load()
+    try:
+        with pytest.raises(BackendError) as raised:
+            await candidate.infer(x(1.0), 10.0)
+        assert not isinstance(raised.value, BackendTimeout)
+        assert raised.value.code == grpc.StatusCode.UNKNOWN and "scripted failure" in str(raised.value)
+        server.fail_with = None
+        assert float((await candidate.infer(x(2.0), 10.0))["y"][0, 0]) == 4.0
+        assert server.streams_opened == 1
+    finally:
+        await candidate.close()
+
+
+async def test_a_server_that_goes_away_fails_the_calls_it_carried_and_a_new_stream_follows():
+    first, url, behaviour = await start_model_server("m", Behaviour(gate=asyncio.Event()))
+    candidate = streamed(url)
+    await candidate.load()
+    try:
+        waiting = asyncio.ensure_future(candidate.infer(x(1.0), 60.0))
+        while behaviour.calls == 0:
+            await asyncio.sleep(0.01)
+        await first.stop(0)
+        with pytest.raises(BackendError) as raised:
+            await waiting
+        assert raised.value.code == grpc.StatusCode.UNAVAILABLE and not isinstance(raised.value, BackendTimeout)
+
+        second, _, behaviour = await start_model_server("m", Behaviour(), port=int(url.rsplit(":", 1)[1]))
+        try:
+            deadline = asyncio.get_running_loop().time() + 30
+            while True:  # the channel reconnects within its backoff (2 s at most)
+                try:
+                    answer = await candidate.infer(x(3.0), 10.0)
+                    break
+                except BackendError:
+                    assert asyncio.get_running_loop().time() < deadline
+                    await asyncio.sleep(0.1)
+            assert float(answer["y"][0, 0]) == 6.0 and behaviour.streams_opened >= 1
+        finally:
+            await second.stop(0)
+    finally:
+        await candidate.close()
+
+
+def test_triton_candidates_stream_and_remote_ones_stay_unary_unless_asked():
+    from server.config import TritonConfig
+
+    assert TritonConfig(runtime="triton", url="h:1", model="m").shadow_calls == "stream"
+    assert RemoteConfig(runtime="remote", url="h:1", model="m").shadow_calls == "unary"
+    assert shadow_candidate(RemoteConfig(runtime="remote", url="h:1", model="m"), INPUTS, OUTPUTS).over_stream is False
+    assert streamed("h:1").over_stream is True
