@@ -54,47 +54,46 @@ class InferStream:
     A stream costs the caller less CPU per call than a unary call each (BENCHMARKS.md, figure 15). It
     carries no deadline per call: a call past its deadline is given up here and its late answer dropped.
     An error arrives as text only, so its call fails as UNKNOWN (one naming no call leaves that call to time
-    out). When the stream breaks, the calls it carried fail and the next call opens a new one.
+    out). When the stream breaks, the calls it carried fail and the next call opens a new one; so it does when
+    a call times out before its request could be sent, since a server that stops reading would otherwise
+    leave every later request queued here.
     """
 
     def __init__(self, stub: service_pb2_grpc.GRPCInferenceServiceStub, where: str) -> None:
         self.stub, self.where = stub, where
         self.unsupported = False
-        self._outgoing: asyncio.Queue[pb.ModelInferRequest] | None = None
-        self._answers: dict[str, asyncio.Future[pb.ModelInferResponse]] = {}
-        self._ids = itertools.count()
-        self._reader: asyncio.Task | None = None
+        self._ids = itertools.count(1)
+        self._open: _OpenStream | None = None
 
     async def infer(self, request: pb.ModelInferRequest, timeout_s: float) -> pb.ModelInferResponse:
-        if self._outgoing is None:
-            self._open()
+        stream = self._open = self._open or _OpenStream(self)
         request.id = call_id = str(next(self._ids))
-        answer = self._answers[call_id] = asyncio.get_running_loop().create_future()
-        self._outgoing.put_nowait(request)
+        answer = stream.answers[call_id] = asyncio.get_running_loop().create_future()
+        stream.outgoing.put_nowait(request)
         try:
             return await asyncio.wait_for(answer, timeout_s)
         except TimeoutError:
+            if int(call_id) > stream.sent:
+                self._close(stream)
             raise BackendTimeout(f"{self.where}: no answer on the stream within {timeout_s:g}s") from None
         finally:
-            del self._answers[call_id]
+            stream.answers.pop(call_id, None)
 
-    def _open(self) -> None:
-        outgoing = self._outgoing = asyncio.Queue()
+    def _close(self, stream: _OpenStream, failure: Exception | None = None) -> None:
+        """Ends `stream`; the calls it still carries fail."""
+        if self._open is stream:
+            self._open = None
+        stream.call.cancel()
+        failure = failure or BackendError(f"{self.where} ended the stream", grpc.StatusCode.UNAVAILABLE)
+        for answer in stream.answers.values():
+            if not answer.done():
+                answer.set_exception(failure)
 
-        async def requests():
-            while True:
-                request = await outgoing.get()
-                if request.id in self._answers:  # a call given up before it was sent is not sent
-                    yield request
-
-        call = self.stub.ModelStreamInfer(requests())
-        self._reader = asyncio.get_running_loop().create_task(self._read(call, outgoing), name="candidate-stream")
-
-    async def _read(self, call: grpc.aio.StreamStreamCall, outgoing: asyncio.Queue) -> None:
-        failure: Exception = BackendError(f"{self.where} ended the stream", grpc.StatusCode.UNAVAILABLE)
+    async def read(self, stream: _OpenStream) -> None:
+        failure = None
         try:
-            async for message in call:
-                answer = self._answers.get(message.infer_response.id)
+            async for message in stream.call:
+                answer = stream.answers.get(message.infer_response.id)
                 if answer is None or answer.done():  # given up past its deadline (or an error naming no call)
                     continue
                 if message.error_message:
@@ -109,12 +108,25 @@ class InferStream:
             else:
                 failure = rpc_failure(self.where, error)
         finally:
-            call.cancel()
-            if self._outgoing is outgoing:
-                self._outgoing = None
-            for answer in self._answers.values():
-                if not answer.done():
-                    answer.set_exception(failure)
+            self._close(stream, failure)
+
+
+class _OpenStream:
+    """One ModelStreamInfer call: what waits to be sent, and the calls waiting for an answer on it."""
+
+    def __init__(self, owner: InferStream) -> None:
+        self.outgoing: asyncio.Queue[pb.ModelInferRequest] = asyncio.Queue()
+        self.answers: dict[str, asyncio.Future[pb.ModelInferResponse]] = {}
+        self.sent = 0  # the id of the last request handed to gRPC
+        self.call = owner.stub.ModelStreamInfer(self._requests())
+        self.reader = asyncio.get_running_loop().create_task(owner.read(self), name="candidate-stream")
+
+    async def _requests(self):
+        while True:
+            request = await self.outgoing.get()
+            if request.id in self.answers:  # a call given up before it was sent is not sent
+                self.sent = int(request.id)
+                yield request
 
 
 class RemoteBackend(Backend):

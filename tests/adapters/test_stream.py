@@ -82,6 +82,21 @@ async def test_an_error_fails_its_own_call_and_the_stream_carries_on(model_serve
         await candidate.close()
 
 
+async def test_a_server_that_stops_reading_gets_a_new_stream_instead_of_a_growing_queue(model_server):
+    url, server = await model_server(Behaviour(reads_streams=False))
+    candidate = streamed(url)
+    await candidate.load()
+    megabyte = {"x": np.zeros((65536, 4), np.float32)}  # far past HTTP/2's flow-control window
+    try:
+        for _ in range(12):
+            with pytest.raises(BackendTimeout):
+                await candidate.infer(megabyte, 0.2)
+        # Each stream takes what fits gRPC's buffers; the first call still unsent at its deadline ends it.
+        assert server.streams_opened >= 3
+    finally:
+        await candidate.close()
+
+
 async def test_a_server_that_goes_away_fails_the_calls_it_carried_and_a_new_stream_follows():
     first, url, behaviour = await start_model_server("m", Behaviour(gate=asyncio.Event()))
     candidate = streamed(url)

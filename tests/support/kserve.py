@@ -36,6 +36,7 @@ class Behaviour:
     calls: int = 0
     metadata: pb.ModelMetadataResponse | None = None  # ModelMetadata's answer (a Triton adapter asks); else UNIMPLEMENTED
     streams: bool = True  # serve ModelStreamInfer, as Triton does; else UNIMPLEMENTED
+    reads_streams: bool = True  # read what a stream carries; else accept streams and never read them
     streams_opened: int = 0
 
 
@@ -69,6 +70,8 @@ class ScriptedModelServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
             _failed(context, grpc.StatusCode.UNIMPLEMENTED, "no streams here")
             return
         self.behaviour.streams_opened += 1
+        if not self.behaviour.reads_streams:
+            await asyncio.Event().wait()
         answers: asyncio.Queue[pb.ModelStreamInferResponse] = asyncio.Queue()
 
         async def answer(request):
