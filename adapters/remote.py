@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import logging
 
@@ -54,45 +55,91 @@ class InferStream:
     A stream costs the caller less CPU per call than a unary call each (BENCHMARKS.md, figure 15). It
     carries no deadline per call: a call past its deadline is given up here and its late answer dropped.
     An error arrives as text only, so its call fails as UNKNOWN (one naming no call leaves that call to time
-    out). When the stream breaks, the calls it carried fail and the next call opens a new one; so it does when
-    a call times out before its request could be sent, since a server that stops reading would otherwise
-    leave every later request queued here.
+    out). When the stream breaks, the calls it carried fail and the next call opens a new one. A call that
+    times out before its request was sent leaves nothing queued; once nothing moved either way for
+    `stuck_after_s`, it ends the stream too, since a server that stops reading would otherwise hold it.
     """
+
+    stuck_after_s = 5.0
 
     def __init__(self, stub: service_pb2_grpc.GRPCInferenceServiceStub, where: str) -> None:
         self.stub, self.where = stub, where
-        self.unsupported = False
         self._ids = itertools.count(1)
         self._open: _OpenStream | None = None
+        self._serves_streams: asyncio.Future[bool] | None = None
 
     async def infer(self, request: pb.ModelInferRequest, timeout_s: float) -> pb.ModelInferResponse:
+        """The answer within `timeout_s`; StreamUnsupported where the server has no streams."""
+        try:
+            async with asyncio.timeout(timeout_s):
+                if not await self.serves_streams():
+                    raise StreamUnsupported
+                return await self._call(request)
+        except TimeoutError:
+            raise BackendTimeout(f"{self.where}: no answer on the stream within {timeout_s:g}s") from None
+
+    async def _call(self, request: pb.ModelInferRequest) -> pb.ModelInferResponse:
         stream = self._open = self._open or _OpenStream(self)
         request.id = call_id = str(next(self._ids))
         answer = stream.answers[call_id] = asyncio.get_running_loop().create_future()
         stream.outgoing.put_nowait(request)
         try:
-            return await asyncio.wait_for(answer, timeout_s)
-        except TimeoutError:
-            if int(call_id) > stream.sent:
-                self._close(stream)
-            raise BackendTimeout(f"{self.where}: no answer on the stream within {timeout_s:g}s") from None
+            return await answer
+        except asyncio.CancelledError:  # past the deadline
+            if int(call_id) > stream.sent:  # still queued
+                request.Clear()
+                if asyncio.get_running_loop().time() - stream.moved_at > self.stuck_after_s:
+                    self.close(stream)
+            raise
         finally:
-            stream.answers.pop(call_id, None)
+            del stream.answers[call_id]
 
-    def _close(self, stream: _OpenStream, failure: Exception | None = None) -> None:
-        """Ends `stream`; the calls it still carries fail."""
+    async def serves_streams(self) -> bool:
+        if self._serves_streams is None:
+            self._serves_streams = asyncio.ensure_future(self._ask_for_streams())
+            self._serves_streams.add_done_callback(lambda asked: asked.cancelled() or asked.exception())  # retrieved
+        try:
+            return await asyncio.shield(self._serves_streams)
+        except BackendError:
+            self._serves_streams = None  # unreachable now: ask again on the next call
+            raise
+
+    async def _ask_for_streams(self) -> bool:
+        """Asked by a stream that carries nothing. Asking with real calls would not do: a server without
+        streams ends the stream at once, and gRPC reports the next write to it as INTERNAL."""
+        call = self.stub.ModelStreamInfer(iter(()))
+        try:
+            code = await asyncio.wait_for(call.code(), PROBE_TIMEOUT_S)
+        except TimeoutError:
+            return True  # still open
+        finally:
+            call.cancel()
+        if code == grpc.StatusCode.UNIMPLEMENTED:
+            log.info("%s does not serve ModelStreamInfer; candidate calls are unary", self.where)
+            return False
+        if code != grpc.StatusCode.OK:
+            raise BackendError(f"{self.where}: {await call.details() or code.name}", code)
+        return True
+
+    def close(self, stream: _OpenStream | None = None, failure=None) -> None:
+        """Ends `stream` (the open one by default); the calls it still carries fail with `failure()`."""
+        stream = stream or self._open
+        if stream is None:
+            return
         if self._open is stream:
             self._open = None
         stream.call.cancel()
-        failure = failure or BackendError(f"{self.where} ended the stream", grpc.StatusCode.UNAVAILABLE)
+        stream.outgoing.put_nowait(None)  # ends the request generator, which gRPC's writer task awaits
+        failure = failure or (lambda: BackendError(f"{self.where} ended the stream", grpc.StatusCode.UNAVAILABLE))
         for answer in stream.answers.values():
             if not answer.done():
-                answer.set_exception(failure)
+                answer.set_exception(failure())
 
     async def read(self, stream: _OpenStream) -> None:
         failure = None
         try:
             async for message in stream.call:
+                stream.moved_at = asyncio.get_running_loop().time()
                 answer = stream.answers.get(message.infer_response.id)
                 if answer is None or answer.done():  # given up past its deadline (or an error naming no call)
                     continue
@@ -101,31 +148,29 @@ class InferStream:
                 else:
                     answer.set_result(message.infer_response)
         except grpc.aio.AioRpcError as error:
-            if error.code() == grpc.StatusCode.UNIMPLEMENTED:
-                log.info("%s does not serve ModelStreamInfer; candidate calls are unary", self.where)
-                self.unsupported = True
-                failure = StreamUnsupported()
-            else:
-                failure = rpc_failure(self.where, error)
+            failure = functools.partial(rpc_failure, self.where, error)
+        except Exception:
+            log.exception("%s: reading the stream failed", self.where)
         finally:
-            self._close(stream, failure)
+            self.close(stream, failure)
 
 
 class _OpenStream:
     """One ModelStreamInfer call: what waits to be sent, and the calls waiting for an answer on it."""
 
     def __init__(self, owner: InferStream) -> None:
-        self.outgoing: asyncio.Queue[pb.ModelInferRequest] = asyncio.Queue()
+        self.outgoing: asyncio.Queue[pb.ModelInferRequest | None] = asyncio.Queue()
         self.answers: dict[str, asyncio.Future[pb.ModelInferResponse]] = {}
         self.sent = 0  # the id of the last request handed to gRPC
+        self.moved_at = asyncio.get_running_loop().time()  # when a request last left or an answer came
         self.call = owner.stub.ModelStreamInfer(self._requests())
         self.reader = asyncio.get_running_loop().create_task(owner.read(self), name="candidate-stream")
 
     async def _requests(self):
-        while True:
-            request = await self.outgoing.get()
+        while (request := await self.outgoing.get()) is not None:
             if request.id in self.answers:  # a call given up before it was sent is not sent
                 self.sent = int(request.id)
+                self.moved_at = asyncio.get_running_loop().time()
                 yield request
 
 
@@ -172,10 +217,16 @@ class RemoteBackend(Backend):
             raise BackendError(f"{self.runtime} {self.config.url} is not connected", grpc.StatusCode.UNAVAILABLE)
         request = encode_request(self.config.model, self.config.version, "", inputs)
         where = f"{self.runtime} {self.config.url} model {self.config.model!r}"
-        response = await self._infer_streamed(request, timeout_s, where) if self.over_stream else None
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        response = None
+        if self.over_stream:
+            try:
+                response = await self._stream_on(self._stub, where).infer(request, timeout_s)
+            except StreamUnsupported:
+                pass
         if response is None:
             try:
-                response = await self._stub.ModelInfer(request, timeout=timeout_s)
+                response = await self._stub.ModelInfer(request, timeout=deadline - asyncio.get_running_loop().time())
             except grpc.aio.AioRpcError as error:
                 raise rpc_failure(where, error) from None
         try:
@@ -183,20 +234,20 @@ class RemoteBackend(Backend):
         except ShadowServeError as exc:
             raise BackendError(f"{self.runtime} {self.config.url} sent a malformed response: {exc}") from None
 
-    async def _infer_streamed(self, request: pb.ModelInferRequest, timeout_s: float,
-                              where: str) -> pb.ModelInferResponse | None:
-        """The answer carried by this backend's stream; None where the server serves no streams."""
-        if self._stream is None or self._stream.stub is not self._stub:  # a new channel: a new stream
-            self._stream = InferStream(self._stub, where)
-        if self._stream.unsupported:
-            return None
-        try:
-            return await self._stream.infer(request, timeout_s)
-        except StreamUnsupported:
-            return None
+    def _stream_on(self, stub: service_pb2_grpc.GRPCInferenceServiceStub, where: str) -> InferStream:
+        if self._stream is None or self._stream.stub is not stub:  # a new channel: a new stream
+            self._end_stream()
+            self._stream = InferStream(stub, where)
+        return self._stream
+
+    def _end_stream(self) -> None:
+        if self._stream is not None:
+            self._stream.close()
+            self._stream = None
 
     async def close(self) -> None:
         await super().close()
+        self._end_stream()
         if self._channel is not None:
             await self._channel.close()
             self._channel = self._stub = None

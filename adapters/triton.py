@@ -85,6 +85,7 @@ class TritonBackend(RemoteBackend):
 
     async def _drop_client(self) -> None:
         self.ready = False
+        self._end_stream()
         client, self._client, self._stub = self._client, None, None
         if client is not None:
             await client.close()

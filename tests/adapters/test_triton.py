@@ -360,7 +360,7 @@ async def test_adapter_streams_concurrent_calls_to_triton_and_matches_each_answe
         for images, answer in zip(batches, answers):
             want = direct_torch(demo_models.faithful_torch, images)
             np.testing.assert_allclose(answer["probabilities"], want, rtol=0, atol=1e-6)
-        assert candidate._stream is not None and not candidate._stream.unsupported
+        assert await candidate._stream.serves_streams()
         with pytest.raises(BackendError) as raised:  # Triton answers an error on the stream with the call's id
             await candidate.infer({"image": np.zeros((17, 3, 32, 32), np.float32)})
         assert not isinstance(raised.value, BackendTimeout) and "batch" in str(raised.value)

@@ -101,7 +101,7 @@ async def test_the_engine_calls_a_candidate_over_one_stream_where_the_config_ask
             answers = [await ask(client) for _ in range(10)]
         await wait_for(lambda: sample(gateway.registry, "shadowserve_comparisons_total", model="m", verdict="match") == 10)
     assert answers == [LEGACY] * 10
-    assert candidate.streams_opened == 1 and candidate.calls == 10
+    assert candidate.stream_requests == 10 and candidate.calls == 10
 
 
 async def test_killing_the_engine_under_load_costs_no_answer_and_comparisons_resume(legacy_url, model_server):
@@ -177,7 +177,9 @@ async def test_calls_that_time_out_waiting_for_a_busy_in_process_candidate_leave
     # Each inference takes milliseconds, far inside the deadline; 60 at once on one thread queue for longer.
     candidate = {"runtime": "torch", "path": torchscript(Spin(iterations=5_000), tmp_path / "busy.pt"),
                  "timeout_s": 0.2}
-    config = {"models": [pair(legacy_url, candidate, shadow_percent=100, circuit_breaker={"failures": 1000})]}
+    # On a busy machine the burst would make the primary shed some hand-offs as overloaded: keep all 60.
+    config = {"server": {"shed_shadow_from_loop_busy": None},
+              "models": [pair(legacy_url, candidate, shadow_percent=100, circuit_breaker={"failures": 1000})]}
     async with running_gateway(config) as gateway:
         registry = gateway.registry
         first_engine = gateway.engine.pid
@@ -185,8 +187,9 @@ async def test_calls_that_time_out_waiting_for_a_busy_in_process_candidate_leave
             await wait_for(lambda: gateway.dispatcher.pairs["m"].candidate.ready, timeout_s=30)
             assert set(await asyncio.gather(*(ask(client) for _ in range(60)))) == {LEGACY}
         timeouts = lambda: sample(registry, "shadowserve_shadow_skipped_total", model="m", reason="timeout")  # noqa: E731
+        # The engine runs niced: on a machine kept busy it may take long to get through the burst.
         await wait_for(lambda: sample(registry, "shadowserve_comparisons_total", model="m", verdict="match")
-                       + timeouts() == 60)
+                       + timeouts() == 60, timeout_s=120)
         assert timeouts() >= 1
         assert sample(registry, "shadowserve_candidate_killed_total", model="m") == 0
         assert sample(registry, "shadowserve_engine_restarts_total") == 0 and gateway.engine.pid == first_engine

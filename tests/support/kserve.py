@@ -38,6 +38,7 @@ class Behaviour:
     streams: bool = True  # serve ModelStreamInfer, as Triton does; else UNIMPLEMENTED
     reads_streams: bool = True  # read what a stream carries; else accept streams and never read them
     streams_opened: int = 0
+    stream_requests: int = 0
 
 
 class ScriptedModelServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
@@ -85,12 +86,14 @@ class ScriptedModelServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         async def read():
             async with asyncio.TaskGroup() as running:
                 async for request in request_iterator:
+                    self.behaviour.stream_requests += 1
                     running.create_task(answer(request))
+            await answers.put(None)  # the client is done and every answer is out: the stream ends
 
         reading = asyncio.get_running_loop().create_task(read())
         try:
-            while True:
-                yield await answers.get()
+            while (message := await answers.get()) is not None:
+                yield message
         finally:
             reading.cancel()
 
