@@ -82,6 +82,14 @@ class Gateway:
         return self.engine.admin_port if self.engine is not None else 0
 
     async def start(self) -> None:
+        """Start everything; a start that fails stops what it started (the engine is a process of its own)."""
+        try:
+            await self._start()
+        except BaseException:
+            await self.stop(grace_s=0)
+            raise
+
+    async def _start(self) -> None:
         server = self.config.server
         if self.engine is not None:
             await asyncio.to_thread(self.engine.start)

@@ -18,6 +18,7 @@ import asyncio
 import logging
 import sys
 import types
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -335,8 +336,11 @@ async def test_model_file_gone_by_load_time_is_named(lenet, tmp_path):
 
     from server.app import Gateway
 
+    gateway = Gateway(config, registry=CollectorRegistry())
     with pytest.raises(ConfigError, match=rf"model 'lenet' legacy: caffemodel {caffemodel} not found"):
-        await Gateway(config, registry=CollectorRegistry()).start()
+        await gateway.start()
+    # The failed start stopped the engine it had started, and removed the engine's metrics folder.
+    assert gateway.engine.process.poll() is not None and not Path(gateway._metrics_dir).exists()
 
 
 async def test_prototxt_that_does_not_parse_names_file_line_and_layer(lenet, tmp_path):
