@@ -73,7 +73,7 @@ class ScriptedModelServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         self.behaviour.streams_opened += 1
         if not self.behaviour.reads_streams:
             await asyncio.Event().wait()
-        answers: asyncio.Queue[pb.ModelStreamInferResponse] = asyncio.Queue()
+        answers: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue()
 
         async def answer(request):
             result = await self._answer(request)
