@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 from server.config import Config, host_port
+from server.errors import ConfigError
 
 log = logging.getLogger("shadowserve.workers")
 
@@ -78,6 +79,20 @@ def _reserve_port(listen: str) -> tuple[socket.socket, str]:
     return sock, f"[{host}]:{bound}" if family == socket.AF_INET6 else f"{host}:{bound}"
 
 
+def _refuse_a_taken_port(key: str, listen: str) -> None:
+    """Fail start-up naming `key` when another process holds its port, before anything is forked."""
+    host, port = host_port(listen)
+    if port == 0:
+        return
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the servers bind: TIME_WAIT is no owner
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            raise ConfigError(f"server.{key}: cannot listen on {listen}: {exc.strerror}") from None
+
+
 def run_workers(config: Config, config_path: Path, count: int, log_level: str = "INFO") -> int:
     """Fork `count` workers and the engine and serve their summed metrics.
 
@@ -95,6 +110,8 @@ def run_workers(config: Config, config_path: Path, count: int, log_level: str = 
 
     from server.app import new_shared_state
 
+    for key in ("metrics_listen", "admin_listen"):
+        _refuse_a_taken_port(key, getattr(config.server, key))
     reserved, grpc_listen = _reserve_port(config.server.grpc_listen)
     config = config.model_copy(update={"server": config.server.model_copy(update={"grpc_listen": grpc_listen})})
     shared = new_shared_state(config, count)

@@ -70,3 +70,26 @@ async def test_two_workers_share_port_metrics_and_one_control_plane(tmp_path, mo
     assert gateway.process.returncode == 0, "".join(gateway.output)
     output = "".join(gateway.output)
     assert output.count("serving ['m']") == 3, output  # each worker's front on the shared port, and the gateway's line
+
+
+def test_a_metrics_or_admin_port_another_process_holds_fails_start_up_naming_the_key(tmp_path):
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        taken = f"127.0.0.1:{holder.getsockname()[1]}"
+        for key in ("metrics_listen", "admin_listen"):
+            listens = {"grpc_listen": "127.0.0.1:0", "metrics_listen": "127.0.0.1:0", "admin_listen": "127.0.0.1:0"}
+            config = {"server": {**listens, key: taken},
+                      "models": [{"name": "m", "inputs": [{"name": "x", "datatype": "FP32", "shape": [-1, 2]}],
+                                  "outputs": [{"name": "y", "datatype": "FP32", "shape": [-1, 2]}],
+                                  "legacy": {"runtime": "remote", "url": "127.0.0.1:1", "model": "m"}}]}
+            path = tmp_path / f"{key}.yaml"
+            path.write_text(yaml.safe_dump(config))
+            result = subprocess.run([sys.executable, "-m", "server.cli", "serve", "--config", str(path)],
+                                    capture_output=True, text=True, timeout=120)
+            assert result.returncode == 2, result.stderr[-2000:]
+            assert f"shadowserve: server.{key}: cannot listen on {taken}: Address already in use" in result.stderr
