@@ -119,6 +119,20 @@ def run_workers(config: Config, config_path: Path, count: int, log_level: str = 
     children = {_fork(index, config, shared, wake_write, (wake_read,)): index for index in range(count)}
     log.info("started %d workers: %s", count, list(children))
 
+    stopping = False
+
+    def forward(signum, _frame) -> None:
+        nonlocal stopping
+        stopping = True
+        for child in children:
+            try:
+                os.kill(child, signum)
+            except ProcessLookupError:
+                pass
+
+    signal.signal(signal.SIGTERM, forward)  # before the engine starts: a signal from now on drains
+    signal.signal(signal.SIGINT, forward)
+
     from prometheus_client import CollectorRegistry, multiprocess
 
     from server.exposition import GatewayRegistry, start_metrics_server
@@ -134,19 +148,6 @@ def run_workers(config: Config, config_path: Path, count: int, log_level: str = 
     log.info("serving %s: gRPC port %s, metrics port %d, admin port %d",
              sorted(model.name for model in config.models), host_port(grpc_listen)[1], http.server_port, engine.admin_port)
 
-    stopping = False
-
-    def forward(signum, _frame) -> None:
-        nonlocal stopping
-        stopping = True
-        for child in children:
-            try:
-                os.kill(child, signum)
-            except ProcessLookupError:
-                pass
-
-    signal.signal(signal.SIGTERM, forward)
-    signal.signal(signal.SIGINT, forward)
     exit_code = 0
     first_backoff = config.server.worker_restart_backoff_s
     backoff = [first_backoff] * count
