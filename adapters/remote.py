@@ -184,6 +184,7 @@ class RemoteBackend(Backend):
         self._stub: service_pb2_grpc.GRPCInferenceServiceStub | None = None
         self.over_stream = False  # set for the shadow engine's candidate where `shadow_calls` asks for a stream
         self._stream: InferStream | None = None
+        self._where = f"{self.runtime} {self.config.url} model {self.config.model!r}"  # what its errors name
 
     def _open(self) -> service_pb2_grpc.GRPCInferenceServiceStub:
         if self._stub is None:
@@ -216,28 +217,27 @@ class RemoteBackend(Backend):
         if self._stub is None:
             raise BackendError(f"{self.runtime} {self.config.url} is not connected", grpc.StatusCode.UNAVAILABLE)
         request = encode_request(self.config.model, self.config.version, "", inputs)
-        where = f"{self.runtime} {self.config.url} model {self.config.model!r}"
         deadline = asyncio.get_running_loop().time() + timeout_s
         response = None
         if self.over_stream:
             try:
-                response = await self._stream_on(self._stub, where).infer(request, timeout_s)
+                response = await self._current_stream().infer(request, timeout_s)
             except StreamUnsupported:
                 pass
         if response is None:
             try:
                 response = await self._stub.ModelInfer(request, timeout=deadline - asyncio.get_running_loop().time())
             except grpc.aio.AioRpcError as error:
-                raise rpc_failure(where, error) from None
+                raise rpc_failure(self._where, error) from None
         try:
             return decode_outputs(response)
         except ShadowServeError as exc:
             raise BackendError(f"{self.runtime} {self.config.url} sent a malformed response: {exc}") from None
 
-    def _stream_on(self, stub: service_pb2_grpc.GRPCInferenceServiceStub, where: str) -> InferStream:
-        if self._stream is None or self._stream.stub is not stub:  # a new channel: a new stream
+    def _current_stream(self) -> InferStream:
+        if self._stream is None or self._stream.stub is not self._stub:  # a new channel: a new stream
             self._end_stream()
-            self._stream = InferStream(stub, where)
+            self._stream = InferStream(self._stub, self._where)
         return self._stream
 
     def _end_stream(self) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import socket
 import ssl
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
@@ -66,6 +67,11 @@ def host_port(listen: str) -> tuple[str, int]:
     """HOST:PORT (validated by ListenAddress) split for a socket bind; IPv6 brackets removed."""
     host, _, port = listen.rpartition(":")
     return host.strip("[]"), int(port)
+
+
+def address_family(host: str) -> socket.AddressFamily:
+    """The socket family that binds `host` (as host_port returns it)."""
+    return socket.AF_INET6 if ":" in host else socket.AF_INET
 
 
 def is_loopback(listen: str) -> bool:

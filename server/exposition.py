@@ -9,7 +9,6 @@ from __future__ import annotations
 import glob
 import logging
 import os
-import socket
 import socketserver
 import struct
 import threading
@@ -20,6 +19,7 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.samples import Sample
 
+from server.config import address_family
 from server.priority import run_when_idle
 
 log = logging.getLogger("shadowserve")
@@ -101,8 +101,7 @@ def start_metrics_server(host: str, port: int, registry: CollectorRegistry) -> W
         run_when_idle()
         return metrics_app(environ, start_response)
 
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    server_class = type("MetricsServer", (_ThreadPerScrape,), {"address_family": family})
+    server_class = type("MetricsServer", (_ThreadPerScrape,), {"address_family": address_family(host)})
     server = make_server(host, port, app, server_class, handler_class=_QuietHandler)
     threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
     return server

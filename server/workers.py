@@ -19,7 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from server.config import Config, host_port
+from server.config import Config, address_family, host_port
 from server.errors import ConfigError
 
 log = logging.getLogger("shadowserve.workers")
@@ -71,7 +71,7 @@ def _fork(index: int, config: Config, shared, wake_fd: int, close_fds: tuple[int
 def _reserve_port(listen: str) -> tuple[socket.socket, str]:
     """Bind the front's port once here (port 0: the kernel picks it), so every worker binds the same one."""
     host, port = host_port(listen)
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    family = address_family(host)
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     sock.bind((host, port))  # bound, never listening: it only holds the port for the workers
@@ -84,7 +84,7 @@ def _refuse_a_taken_port(key: str, listen: str) -> None:
     host, port = host_port(listen)
     if port == 0:
         return
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    family = address_family(host)
     with socket.socket(family, socket.SOCK_STREAM) as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the servers bind: TIME_WAIT is no owner
         try:

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import re
+import socket
+import subprocess
+import sys
 
 import grpc
 import numpy as np
@@ -73,10 +76,6 @@ async def test_two_workers_share_port_metrics_and_one_control_plane(tmp_path, mo
 
 
 def test_a_metrics_or_admin_port_another_process_holds_fails_start_up_naming_the_key(tmp_path):
-    import socket
-    import subprocess
-    import sys
-
     with socket.socket() as holder:
         holder.bind(("127.0.0.1", 0))
         holder.listen()
