@@ -26,6 +26,7 @@ log = logging.getLogger("shadowserve.supervisor")
 MAX_BACKOFF_S = 30.0
 STABLE_S = 30.0  # an engine that ran this long before dying restarts after the first pause again
 STOP_GRACE_S = 5.0
+WATCH_S = 0.2  # how often the monitor looks at the heartbeat, and how soon it notices the gateway stopping
 
 # The engine runs below the primaries. A parallel op waits for all its threads, and at low priority a waiting
 # thread loses its core: on a busy machine one small torch inference took 60 ms instead of 1. So each inference
@@ -128,14 +129,13 @@ class EngineProcess:
         started = time.monotonic()
         while not self._stopping.is_set():
             assert self.process is not None
-            try:
-                code = self.process.wait(timeout=0.2)
-            except subprocess.TimeoutExpired:
+            if not self._exits_within(self.process.pid, WATCH_S):
                 if self._ready.is_set() and time.monotonic() - self.shared.heartbeat > self.settings.hang_s:
                     log.error("the shadow engine (pid %d) stopped answering for %gs; killing it",
                               self.process.pid, self.settings.hang_s)
                     self.process.kill()
                 continue
+            code = self.process.wait()
             if self._stopping.is_set():
                 return
             self.metrics.engine_up.set(0)
@@ -150,6 +150,18 @@ class EngineProcess:
             started = time.monotonic()
             self._spawn()
             self.metrics.engine_restarts.inc()  # once the new engine exists: a reader never sees a count without it
+
+    @staticmethod
+    def _exits_within(pid: int, timeout_s: float) -> bool:
+        """Whether `pid` has exited or exits within `timeout_s`: one wake-up, where Popen.wait polls 50 times a second."""
+        try:
+            exited = os.pidfd_open(pid)
+        except ProcessLookupError:
+            return True
+        try:
+            return bool(select.select([exited], [], [], timeout_s)[0])
+        finally:
+            os.close(exited)
 
     def _mark_dead(self, pid: int) -> None:
         from prometheus_client import multiprocess
