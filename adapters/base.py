@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import abc
 import asyncio
-import concurrent.futures
 import dataclasses
 import logging
+import queue
 import threading
 import time
 from typing import Sequence
@@ -80,15 +80,21 @@ class Backend(abc.ABC):
 
 
 class InProcessBackend(Backend):
-    """A runtime that runs inside the gateway, on its own threads, never on the event loop."""
+    """A runtime that runs inside the gateway, on threads of its own, never on the event loop.
+
+    Calls reach the threads over one queue and come back with one wake-up of the loop: a thread pool's
+    futures, chained to asyncio's and watched by `wait_for`, took about 50 µs more of a 550 µs inference.
+    """
 
     threads: int = 1
 
     def __init__(self, config: BackendConfig, inputs: Sequence[TensorConfig], outputs: Sequence[TensorConfig]):
         super().__init__(config, inputs, outputs)
-        self._executor = concurrent.futures.ThreadPoolExecutor(
-            max_workers=getattr(config, "threads", 1), thread_name_prefix=f"{self.runtime}-backend"
-        )
+        self._calls: queue.SimpleQueue = queue.SimpleQueue()
+        self._threads = [
+            threading.Thread(target=self._serve_calls, name=f"{self.runtime}-backend-{index}", daemon=True)
+            for index in range(getattr(config, "threads", 1))
+        ]
         self._running_since: dict[int, float] = {}  # by thread: when its inference started
 
     @abc.abstractmethod
@@ -98,15 +104,42 @@ class InProcessBackend(Backend):
     def run_blocking(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
 
     async def load(self) -> None:
-        await asyncio.get_running_loop().run_in_executor(self._executor, self.load_blocking)
+        for thread in self._threads:
+            if thread.ident is None:  # a failed load is retried on the same threads
+                thread.start()
+        await self._on_a_thread(self.load_blocking)
         self.ready = True
 
     async def run(self, inputs: dict[str, np.ndarray], timeout_s: float) -> dict[str, np.ndarray]:
-        future = asyncio.get_running_loop().run_in_executor(self._executor, self._run_checked, inputs)
+        answer = self._on_a_thread(self._run_checked, inputs)
+        expiry = asyncio.get_running_loop().call_later(timeout_s, self._expire, answer, timeout_s)
         try:
-            return await asyncio.wait_for(future, timeout_s)
-        except TimeoutError:
-            raise BackendTimeout(f"{self.runtime} inference exceeded {timeout_s:g}s") from None
+            return await answer
+        finally:
+            expiry.cancel()
+
+    def _on_a_thread(self, function, *args) -> asyncio.Future:
+        """`function(*args)` on the first free thread; a call whose future is done before it starts never runs."""
+        answer = asyncio.get_running_loop().create_future()
+        self._calls.put((function, args, answer))
+        return answer
+
+    def _serve_calls(self) -> None:
+        while (call := self._calls.get()) is not None:
+            function, args, answer = call
+            if answer.done():  # it timed out, or its request was cancelled, while it waited for this thread
+                continue
+            try:
+                settle, outcome = answer.set_result, function(*args)
+            except BaseException as exc:
+                settle, outcome = answer.set_exception, exc
+            try:
+                answer.get_loop().call_soon_threadsafe(_settle, answer, settle, outcome)
+            except RuntimeError:  # the loop has closed: nobody waits for the answer
+                pass
+
+    def _expire(self, answer: asyncio.Future, timeout_s: float) -> None:
+        _settle(answer, answer.set_exception, BackendTimeout(f"{self.runtime} inference exceeded {timeout_s:g}s"))
 
     def longest_running_s(self) -> float:
         """How long the oldest inference now running has run; a call still queued for a thread has not started."""
@@ -128,4 +161,16 @@ class InProcessBackend(Backend):
 
     async def close(self) -> None:
         await super().close()
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        while True:  # calls still queued are answered now, not at their deadline
+            try:
+                _, _, answer = self._calls.get_nowait()
+            except queue.Empty:
+                break
+            _settle(answer, answer.set_exception, BackendError(f"the {self.runtime} backend is closing"))
+        for _ in self._threads:
+            self._calls.put(None)
+
+
+def _settle(answer: asyncio.Future, settle, outcome) -> None:
+    if not answer.done():
+        settle(outcome)

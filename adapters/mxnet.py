@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import sys
 import warnings
 
 import numpy as np
@@ -11,14 +13,24 @@ from server.config import MXNetConfig
 from server.errors import BackendError, ConfigError
 
 
+def _ops_on_the_calling_thread(context: str) -> None:
+    """MXNet's threaded engine runs every op on a thread of its own. This backend already gives each inference a
+    thread, so on CPU that engine only adds a hand-over each way: 70 µs of a 550 µs inference. The naive engine runs
+    the ops on the calling thread; a hybridized graph still runs one call at a time. It is chosen only for a CPU model
+    loaded before MXNet starts in this process, and never over an MXNET_ENGINE_TYPE the operator set."""
+    if context == "cpu" and "mxnet" not in sys.modules:
+        os.environ.setdefault("MXNET_ENGINE_TYPE", "NaiveEngine")
+
+
 class MXNetBackend(InProcessBackend):
     runtime = "mxnet"
     config: MXNetConfig
 
     def load_blocking(self) -> None:
+        config = self.config
+        _ops_on_the_calling_thread(config.context)
         import mxnet as mx
 
-        config = self.config
         self._context = mx.gpu(int(config.context[4:-1])) if config.context.startswith("gpu") else mx.cpu()
         try:
             symbol = mx.sym.load(str(config.symbol))

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+import os
+import subprocess
+import sys
 import threading
+from pathlib import Path
 
 import mxnet as mx
 import numpy as np
@@ -12,7 +17,7 @@ import torch
 from adapters import backend_class, create_backend
 from server.config import MXNetConfig, TensorConfig, TorchConfig
 from server.demo.mxnet_models import synthetic_images, torch_port
-from server.errors import BackendTimeout, ConfigError
+from server.errors import BackendError, BackendTimeout, ConfigError
 
 IMAGE = TensorConfig(name="image", datatype="FP32", shape=[-1, 3, 32, 32])
 PROBS = TensorConfig(name="probabilities", datatype="FP32", shape=[-1, 6], class_scores=True)
@@ -61,17 +66,38 @@ async def test_torchscript_and_torch_export_programs_agree(demo_models, exported
     assert answers[0][1].shape == (7, 6)
 
 
-async def test_in_process_inference_has_a_deadline(demo_models):
+async def test_in_process_inference_has_a_deadline_and_a_call_past_it_never_runs(demo_models):
     backend = mxnet_backend(demo_models)
     await backend.load()
+    ran = []
+    run_blocking = backend.run_blocking
+    backend.run_blocking = lambda inputs: ran.append(len(inputs)) or run_blocking(inputs)
     release = threading.Event()
-    backend._executor.submit(release.wait)  # the one inference thread is busy until released
+    busy = backend._on_a_thread(release.wait)  # the one inference thread is busy until released
     images, _ = synthetic_images(1, np.random.default_rng(0))
     with pytest.raises(BackendTimeout, match="exceeded 0.05s"):
         await backend.infer({"image": images}, timeout_s=0.05)
     release.set()
+    assert await busy is True
     assert (await backend.infer({"image": images}))["probabilities"].shape == (1, 6)
+    assert ran == [1]  # the call that timed out while queued was dropped, not run late
     await backend.close()
+
+
+async def test_closing_answers_the_calls_still_queued(demo_models):
+    backend = mxnet_backend(demo_models)
+    await backend.load()
+    started, release = threading.Event(), threading.Event()
+    busy = backend._on_a_thread(lambda: started.set() or release.wait())
+    assert await asyncio.to_thread(started.wait, 30)
+    images, _ = synthetic_images(1, np.random.default_rng(0))
+    queued = asyncio.ensure_future(backend.infer({"image": images}, timeout_s=60))
+    await asyncio.sleep(0)
+    await backend.close()
+    with pytest.raises(BackendError, match="the mxnet backend is closing"):
+        await asyncio.wait_for(queued, 5)
+    release.set()
+    assert await busy is True
 
 
 async def test_broken_model_files_fail_load_with_the_file_named(demo_models, tmp_path):
@@ -102,3 +128,41 @@ def test_unknown_and_missing_runtimes_are_config_errors(monkeypatch):
     monkeypatch.setitem(adapters.RUNTIMES, "ghost", "adapters.not_installed:Ghost")
     with pytest.raises(ConfigError, match="runtime 'ghost' is not installed here"):
         backend_class("ghost")
+
+
+CHILD = """
+import asyncio, os, sys
+import numpy as np
+from adapters import create_backend
+from server.config import MXNetConfig, TensorConfig
+
+async def main():
+    image = TensorConfig(name="image", datatype="FP32", shape=[-1, 3, 32, 32])
+    probs = TensorConfig(name="probabilities", datatype="FP32", shape=[-1, 6])
+    config = MXNetConfig(runtime="mxnet", symbol=sys.argv[1], params=sys.argv[2], tensor_names={"image": "data"})
+    backend = create_backend(config, [image], [probs])
+    await backend.load()
+    images = np.load(sys.argv[3])
+    sys.stdout.buffer.write((await backend.infer({"image": images}))["probabilities"].tobytes())
+    print(os.environ.get("MXNET_ENGINE_TYPE"), file=sys.stderr)
+    await backend.close()
+
+asyncio.run(main())
+"""
+
+
+@pytest.mark.parametrize("operator_choice", [None, "ThreadedEnginePerDevice"])
+def test_a_cpu_mxnet_model_runs_its_ops_on_the_inference_thread_unless_the_operator_chose(
+        demo_models, tmp_path, operator_choice):
+    images, _ = synthetic_images(3, np.random.default_rng(4))
+    np.save(tmp_path / "images.npy", images)
+    env = {k: v for k, v in os.environ.items() if k != "MXNET_ENGINE_TYPE"}
+    if operator_choice:
+        env["MXNET_ENGINE_TYPE"] = operator_choice
+    child = subprocess.run(
+        [sys.executable, "-c", CHILD, str(demo_models.symbol), str(demo_models.params), str(tmp_path / "images.npy")],
+        capture_output=True, env=env, cwd=Path(__file__).parents[2], timeout=120)
+    assert child.returncode == 0, child.stderr.decode()[-2000:]
+    assert child.stderr.decode().split()[-1] == (operator_choice or "NaiveEngine")
+    net = mx.gluon.SymbolBlock.imports(str(demo_models.symbol), ["data"], str(demo_models.params))
+    assert child.stdout == net(mx.nd.array(images)).asnumpy().tobytes()  # this process runs the threaded engine
