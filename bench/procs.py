@@ -136,6 +136,9 @@ class Process:
     def rss_bytes(self) -> int:
         return sum(rss_bytes(pid) for pid in descendants(self.pid))
 
+    def private_rss_bytes(self) -> int:
+        return sum(private_rss_bytes(pid) for pid in descendants(self.pid))
+
     def workers(self) -> list[int]:
         return descendants(self.pid)[1:]
 
