@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import warnings
@@ -13,13 +14,34 @@ from server.config import MXNetConfig
 from server.errors import BackendError, ConfigError
 
 
-def _ops_on_the_calling_thread(context: str) -> None:
+def _ops_on_the_calling_thread(context: str) -> bool:
     """MXNet's threaded engine runs every op on a thread of its own. This backend already gives each inference a
     thread, so on CPU that engine only adds a hand-over each way: 70 µs of a 550 µs inference. The naive engine runs
     the ops on the calling thread; a hybridized graph still runs one call at a time. It is chosen only for a CPU model
     loaded before MXNet starts in this process, and never over an MXNET_ENGINE_TYPE the operator set."""
-    if context == "cpu" and "mxnet" not in sys.modules:
-        os.environ.setdefault("MXNET_ENGINE_TYPE", "NaiveEngine")
+    if context != "cpu" or "mxnet" in sys.modules or "MXNET_ENGINE_TYPE" in os.environ:
+        return False
+    os.environ["MXNET_ENGINE_TYPE"] = "NaiveEngine"
+    return True
+
+
+def _start_engine_quietly(mx) -> None:
+    """MXNet announces an engine chosen by MXNET_ENGINE_TYPE on stderr, in its own format: a line that would break
+    `--log-format json`. Python's log handlers wait meanwhile, so none of their lines is lost."""
+    handlers = [handler for handler in logging.getLogger().handlers if isinstance(handler, logging.StreamHandler)]
+    for handler in handlers:
+        handler.acquire()
+    stderr = os.dup(2)
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 2)
+        os.close(devnull)
+        mx.nd.zeros(1).wait_to_read()  # the engine starts with the first op
+    finally:
+        os.dup2(stderr, 2)
+        os.close(stderr)
+        for handler in handlers:
+            handler.release()
 
 
 class MXNetBackend(InProcessBackend):
@@ -28,9 +50,11 @@ class MXNetBackend(InProcessBackend):
 
     def load_blocking(self) -> None:
         config = self.config
-        _ops_on_the_calling_thread(config.context)
+        chose_the_engine = _ops_on_the_calling_thread(config.context)
         import mxnet as mx
 
+        if chose_the_engine:
+            _start_engine_quietly(mx)
         self._context = mx.gpu(int(config.context[4:-1])) if config.context.startswith("gpu") else mx.cpu()
         try:
             symbol = mx.sym.load(str(config.symbol))
