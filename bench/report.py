@@ -68,7 +68,8 @@ def render(suite: Suite, command: str, started: datetime.datetime, load_before: 
         "  `/proc/<pid>/stat`, summed over its processes: supervisor, workers and shadow engine.",
         f"- Placement: the system under test (each gateway, the echo and bare-MXNet servers) is pinned to CPU "
         f"{sorted(suite.sut_cpus)}; the load generator and the legacy/candidate servers to CPU {sorted(suite.rest_cpus)}. "
-        "Figure 5 pins one worker to one core and lets two workers use both.",
+        "Figure 5 pins one worker to one core and lets two workers use both. While a figure runs, the gateways and "
+        "baselines it does not measure are paused (SIGSTOP): idle, each gateway still wakes up dozens of times a second.",
         "- The load generator (`bench/load.py`) sends pre-serialized requests as raw bytes over grpc.aio,",
         "  one TCP connection per channel (`grpc.use_local_subchannel_pool`). Requests carry one FP32 tensor",
         "  of 1000 values; answers are 1000 FP32 class scores (`class_scores: true`, so top-1/top-k are compared too).",

@@ -277,7 +277,7 @@ class Suite:
     async def measuring(self, *names: str) -> None:
         """Let only the servers a figure measures run; pause the other gateways and baselines.
 
-        An idle gateway still wakes up about 30 times a second (its engine's tick, its loop's load sampling, gRPC's
+        An idle gateway still wakes up dozens of times a second (its engine's tick, its loop's load sampling, gRPC's
         timers), 1.4% of a core: the sixteen a figure does not measure took a fifth of the core under test.
         """
         wanted = set(names)
@@ -294,7 +294,7 @@ class Suite:
         self.paused = self.pausable - wanted
 
     async def stop(self) -> None:
-        await self.measuring(*self.paused)
+        await self.measuring(*self.pausable)  # a paused process would take SIGTERM only once resumed
         await asyncio.gather(*(target.close() for target in self.targets.values()))
         for process in self.processes:
             process.stop()
