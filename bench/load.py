@@ -45,6 +45,7 @@ class Run:
     latencies_ns: np.ndarray
     elapsed_s: float
     errors: dict[str, int]
+    starts_ns: np.ndarray | None = None  # when each request was sent (perf_counter_ns), where the load records it
 
     @property
     def throughput(self) -> float:
@@ -57,6 +58,27 @@ class Run:
     def stall_ms(self) -> float:
         """The worst request's wait beyond the median one: a pause of the server shows here whole."""
         return float(self.latencies_ns.max() - np.median(self.latencies_ns)) / 1e6
+
+    def own_stall_ms(self, beside: "Run") -> float:
+        """`stall_ms` less what the rig lost at the same moments: each request's wait beyond the median, minus the
+        largest such wait of the requests of `beside` (sent at the same time to another server) in flight with it.
+        A pause of the load generator, the shared backends or the machine delays both; one of this server, only it."""
+        assert self.starts_ns is not None and beside.starts_ns is not None
+        excess = self.latencies_ns - np.median(self.latencies_ns)
+        order = np.argsort(beside.starts_ns)
+        starts = beside.starts_ns[order]
+        ends = starts + beside.latencies_ns[order]
+        shared = np.maximum(beside.latencies_ns[order] - np.median(beside.latencies_ns), 0)
+        longest = int(beside.latencies_ns.max())
+        own = 0
+        for start, latency, wait in zip(self.starts_ns, self.latencies_ns, excess):
+            if wait <= own:
+                continue
+            low, high = np.searchsorted(starts, [start - longest, start + latency])
+            overlapping = ends[low:high] > start
+            rig = int(shared[low:high][overlapping].max()) if overlapping.any() else 0
+            own = max(own, int(wait) - rig)
+        return own / 1e6
 
 
 class Client:
@@ -113,11 +135,12 @@ async def open_loop(client: Client, request: bytes, rate: float, duration_s: flo
     """Requests sent at a fixed `rate` per second whatever the answers do, for `duration_s`."""
     count = max(1, int(rate * duration_s))
     latencies = np.zeros(count, dtype=np.int64)
+    starts = np.zeros(count, dtype=np.int64)
     errors: collections.Counter[str] = collections.Counter()
     loop = asyncio.get_running_loop()
 
     async def one(index: int) -> None:
-        start = time.perf_counter_ns()
+        start = starts[index] = time.perf_counter_ns()
         try:
             await client.infer[index % len(client.infer)](request, timeout=timeout_s)
         except grpc.aio.AioRpcError as error:
@@ -132,7 +155,7 @@ async def open_loop(client: Client, request: bytes, rate: float, duration_s: flo
             await asyncio.sleep(due - loop.time())
         tasks.append(loop.create_task(one(index)))
     await asyncio.gather(*tasks)
-    return Run(latencies, loop.time() - begin, dict(errors))
+    return Run(latencies, loop.time() - begin, dict(errors), starts)
 
 
 @dataclasses.dataclass
