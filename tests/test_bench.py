@@ -33,3 +33,23 @@ def test_quick_bench_reports_every_figure(tmp_path):
     for number in range(1, 16):
         assert f"\n| {number} | " in text
     assert "quick mode" in text
+
+
+def test_a_stall_the_rig_shares_is_not_counted_as_the_gateways():
+    import numpy as np
+
+    from bench.load import Run
+
+    ms = 1_000_000
+    starts = np.arange(0, 1000 * 5 * ms, 5 * ms, dtype=np.int64)
+    latencies = np.full(1000, 2 * ms, dtype=np.int64)
+    straight = Run(latencies.copy(), 5.0, {}, starts.copy())
+    gateway = Run(latencies.copy(), 5.0, {}, starts + ms)
+    gateway.latencies_ns[100] += 30 * ms  # the load generator paused: both sides waited
+    straight.latencies_ns[100] += 28 * ms
+    gateway.latencies_ns[500] += 12 * ms  # the gateway's own
+    assert gateway.stall_ms == 30.0
+    assert gateway.own_stall_ms(straight) == 12.0
+    gateway.latencies_ns[700] += 40 * ms  # nothing straight to the legacy was in flight then
+    straight.latencies_ns[690] += 40 * ms
+    assert gateway.own_stall_ms(straight) == 40.0
