@@ -275,19 +275,20 @@ class Routed:
 
 
 class SharedState:
-    """The shared file: routing table, heartbeat and one ring per primary worker."""
+    """The shared file: routing table, heartbeat, and per primary worker a loop watch and a ring."""
 
     def __init__(self, fd: int, models: int, rings: int, ring_bytes: int) -> None:
         ring_bytes = _round_up(ring_bytes)
         self.fd, self.models, self.ring_count, self.ring_bytes = fd, models, rings, ring_bytes
         routing_bytes = _round_up(max(1, models) * ROUTING_COLUMNS * 8)
-        size = routing_bytes + 8 + rings * Ring.footprint(ring_bytes)
+        size = routing_bytes + 8 + rings * 8 + rings * Ring.footprint(ring_bytes)
         if os.fstat(fd).st_size < size:
             os.ftruncate(fd, size)
         self._buffer = mmap.mmap(fd, size)
         self.routing = np.frombuffer(self._buffer, np.float64, models * ROUTING_COLUMNS).reshape(models, ROUTING_COLUMNS)
         self._heartbeat = np.frombuffer(self._buffer, np.float64, 1, routing_bytes)
-        start = routing_bytes + 8
+        self._hung_after = np.frombuffer(self._buffer, np.float64, rings, routing_bytes + 8)  # by worker; 0: not blocked
+        start = routing_bytes + 8 + rings * 8
         self.rings = [Ring(self._buffer, start + i * Ring.footprint(ring_bytes), ring_bytes) for i in range(rings)]
 
     @classmethod
@@ -310,6 +311,13 @@ class SharedState:
     def heartbeat(self) -> float:
         return float(self._heartbeat[0])
 
+    def loop_watch(self, worker: int) -> "LoopWatch":
+        return LoopWatch(self._hung_after[worker:worker + 1])
+
+    def hung_workers(self, now: float) -> list[int]:
+        """Workers whose event loop an inference has held past the time their `LoopWatch` gave."""
+        return [worker for worker, after in enumerate(self._hung_after) if 0 < after < now]
+
     @property
     def engine_address(self) -> str:
         """Where the engine serves in-process candidates to primaries: a socket named after this shared file."""
@@ -318,6 +326,23 @@ class SharedState:
     def describe(self) -> dict[str, int]:
         """What the engine process needs to map the same file (its descriptor is passed along)."""
         return {"fd": self.fd, "models": self.models, "rings": self.ring_count, "ring_bytes": self.ring_bytes}
+
+
+class LoopWatch:
+    """Where a worker tells the process that forked it that an inference holds its event loop, and until when.
+
+    Past that time (monotonic, the same clock in every process) the worker counts as hung: the loop can
+    answer nothing, not even health checks, and only a new worker serves again.
+    """
+
+    def __init__(self, slot: np.ndarray) -> None:
+        self._slot = slot
+
+    def blocked(self, hung_after: float) -> None:
+        self._slot[0] = hung_after
+
+    def free(self) -> None:
+        self._slot[0] = 0.0
 
 
 class HandoffWriter:

@@ -5,7 +5,8 @@ runtimes are not fork-safe once started), then starts the shadow engine, which h
 plane: every worker hands its shadowed requests to it and follows the routing table it writes, so
 one guard judges all traffic and `ctl` reaches the whole gateway. /metrics adds every process up and
 is rendered here, so a scrape takes no CPU or GIL time from a process that serves requests. A worker
-that dies is forked again from here: this process never starts gRPC or a runtime itself.
+that dies, or whose event loop an inference holds past the time the worker gave (`LoopWatch`), is
+forked again from here: this process never starts gRPC or a runtime itself.
 """
 
 from __future__ import annotations
@@ -156,6 +157,13 @@ def run_workers(config: Config, config_path: Path, count: int, log_level: str = 
     while children or (restart_at and not stopping):
         time.sleep(0.2)  # only the workers are reaped here; the engine's monitor reaps the engine
         now = time.monotonic()
+        for index in shared.hung_workers(now):
+            pid = next((pid for pid, serving in children.items() if serving == index), None)
+            shared.loop_watch(index).free()
+            if pid is not None:
+                log.error("worker %d: an inference has held its event loop past the legacy's timeout_s; "
+                          "replacing the worker", pid)
+                os.kill(pid, signal.SIGKILL)
         for pid, index in list(children.items()):
             done, status = os.waitpid(pid, os.WNOHANG)
             if not done:

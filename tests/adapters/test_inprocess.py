@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import mxnet as mx
@@ -14,10 +15,11 @@ import numpy as np
 import pytest
 import torch
 
-from adapters import backend_class, create_backend
+from adapters import backend_class, base, create_backend
 from server.config import MXNetConfig, TensorConfig, TorchConfig
 from server.demo.mxnet_models import synthetic_images, torch_port
 from server.errors import BackendError, BackendTimeout, ConfigError
+from server.handoff import LoopWatch
 
 IMAGE = TensorConfig(name="image", datatype="FP32", shape=[-1, 3, 32, 32])
 PROBS = TensorConfig(name="probabilities", datatype="FP32", shape=[-1, 6], class_scores=True)
@@ -81,6 +83,71 @@ async def test_in_process_inference_has_a_deadline_and_a_call_past_it_never_runs
     assert await busy is True
     assert (await backend.infer({"image": images}))["probabilities"].shape == (1, 6)
     assert ran == [1]  # the call that timed out while queued was dropped, not run late
+    await backend.close()
+
+
+class Timed:
+    """Wraps a backend's `run_blocking`: how long each call takes (`seconds` per image), and where it ran."""
+
+    def __init__(self, backend, watch_slot: np.ndarray) -> None:
+        self.run_blocking, self.slot, self.seconds = backend.run_blocking, watch_slot, 0.0
+        self.calls: list[tuple[bool, float]] = []  # (on the event loop's thread, the watch while running)
+        self.loop_thread = threading.get_ident()
+        backend.run_blocking = self
+
+    def __call__(self, inputs):
+        self.calls.append((threading.get_ident() == self.loop_thread, float(self.slot[0])))
+        time.sleep(self.seconds * len(inputs["data"]))
+        return self.run_blocking(inputs)
+
+    def places(self) -> list[str]:
+        return ["loop" if on_loop else "thread" for on_loop, _ in self.calls]
+
+
+async def test_a_watched_one_thread_backend_runs_calls_expected_to_be_fast_on_the_event_loop(demo_models, monkeypatch):
+    monkeypatch.setattr(base, "ON_LOOP_UP_TO_S", 0.05)
+    slot = np.zeros(1)
+    backend = mxnet_backend(demo_models, timeout_s=7)
+    await backend.load()
+    timed = Timed(backend, slot)
+    one, four = (synthetic_images(n, np.random.default_rng(n))[0] for n in (1, 4))
+    await backend.infer({"image": one})
+    assert timed.places() == ["thread"]  # not watched: never on the loop
+    backend.run_on_loop_when_fast(LoopWatch(slot))
+    before = time.monotonic()
+    for _ in range(2):
+        await backend.infer({"image": one})
+    assert timed.places()[1:] == ["loop", "loop"]
+    assert all(before + 7 + base.HUNG_GRACE_S <= hung_after <= time.monotonic() + 7 + base.HUNG_GRACE_S
+               for _, hung_after in timed.calls[1:])  # the supervisor was told while each held the loop
+    assert slot[0] == 0.0 and timed.calls[0][1] == 0.0
+    timed.seconds = 0.03  # per image: one image is still under 0.05 s, four are not
+    await backend.infer({"image": one})
+    await backend.infer({"image": four})
+    await backend.infer({"image": one})
+    assert timed.places()[3:] == ["loop", "thread", "loop"]
+    with pytest.raises(BackendTimeout, match="exceeded 0.01s"):  # ran to its end on the loop, then failed as late
+        await backend.infer({"image": one}, timeout_s=0.01)
+    assert timed.places()[6:] == ["loop"]
+    timed.seconds = 0.1
+    await backend.infer({"image": one})  # taken slow: the next call goes to the thread
+    timed.seconds = 0.0
+    await backend.infer({"image": one})
+    await backend.infer({"image": one})
+    assert timed.places()[7:] == ["loop", "thread", "loop"]
+    await backend.close()
+
+
+async def test_a_backend_of_several_threads_never_runs_on_the_event_loop(demo_models):
+    backend = mxnet_backend(demo_models, threads=2)
+    await backend.load()
+    slot = np.zeros(1)
+    timed = Timed(backend, slot)
+    backend.run_on_loop_when_fast(LoopWatch(slot))
+    images, _ = synthetic_images(1, np.random.default_rng(0))
+    for _ in range(3):
+        await backend.infer({"image": images})
+    assert timed.places() == ["thread"] * 3
     await backend.close()
 
 

@@ -52,7 +52,9 @@ def test_json_logs_one_event_per_line_with_rollout_changes(demo_models, tmp_path
         while '"rollout_change"' not in gateway.log:
             assert time.monotonic() < deadline, gateway.log[-2000:]
             time.sleep(0.1)
-    events = [json.loads(line) for line in gateway.log.splitlines() if line.strip()]
+    lines = [line for line in gateway.log.splitlines() if line.strip()]
+    assert not [line for line in lines if not line.startswith("{")], gateway.log[-4000:]
+    events = [json.loads(line) for line in lines]
     assert all({"time", "level", "logger"} <= event.keys() for event in events)
     change = next(event for event in events if event.get("event") == "rollout_change")
     assert change["model"] == "classifier" and change["new_serve_percent"] == 5 and change["source"] == "cli"

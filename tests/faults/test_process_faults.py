@@ -1,4 +1,4 @@
-"""Faults on the gateway's own processes under load: SIGTERM and its drain, a killed worker of two."""
+"""Faults on the gateway's own processes: SIGTERM and its drain, a killed worker of two, a worker whose loop hangs."""
 
 from __future__ import annotations
 
@@ -6,14 +6,19 @@ import os
 import re
 import signal
 
+import numpy as np
 import pytest
+import torch
+import tritonclient.grpc.aio as triton_aio
 from grpc_health.v1 import health_pb2
+from tritonclient.utils import InferenceServerException
 
 from tests.faults.load import (
-    CLIENTS, Load, Scraper, assert_legacy_answers, assert_p99_within_bound, remote, write_config,
+    CLIENTS, MODEL, Load, Scraper, assert_legacy_answers, assert_p99_within_bound, legacy_answer, remote,
+    request_input, write_config,
 )
 from tests.server.test_drain import alive, exited, health_is, reaped, until
-from tests.support.gateway import GatewayProcess, eventually
+from tests.support.gateway import GatewayProcess, eventually, model_ready
 from tests.support.kserve import Behaviour, scale_by
 
 pytestmark = pytest.mark.solo
@@ -84,3 +89,47 @@ async def test_a_worker_of_two_killed_under_load_is_restarted_and_counted_while_
     assert_legacy_answers(recovery)
     assert_p99_within_bound(baseline, [outcome for outcome in fault if outcome.status is None])
     assert_p99_within_bound(baseline, recovery)
+
+
+class HangsOnANegativeInput(torch.nn.Module):
+    """y = 2x, except that an input starting below zero never gets an answer."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        while bool(x[0, 0] < 0):
+            x = x + 0
+        return x * 2
+
+
+async def test_a_legacy_inference_that_hangs_the_event_loop_gets_its_worker_replaced(tmp_path):
+    # A fast in-process legacy runs on the worker's event loop (no thread hop); a call that then hangs holds the
+    # whole worker, health checks included, so the process that forked it replaces it.
+    model = tmp_path / "legacy.pt"
+    torch.jit.save(torch.jit.script(HangsOnANegativeInput()), str(model))
+    legacy = {"runtime": "torch", "path": str(model), "timeout_s": 1}
+    gateway = GatewayProcess(write_config(tmp_path / "shadow.yaml", {"legacy": legacy}, worker_restart_backoff_s=0.2))
+    await gateway.start()
+    metric = Scraper(gateway)
+    try:
+        async with triton_aio.InferenceServerClient(f"127.0.0.1:{gateway.grpc_port}") as client:
+            async def ask(x: np.ndarray, timeout_s: float = 30) -> bytes:
+                tensor = triton_aio.InferInput("x", list(x.shape), "FP32")
+                tensor.set_data_from_numpy(x)
+                return (await client.infer(MODEL, [tensor], client_timeout=timeout_s)).as_numpy("y").tobytes()
+
+            for n in range(5):
+                assert await ask(request_input(n)) == legacy_answer(request_input(n))
+            first = int(re.search(r"started 1 workers: \[(\d+)\]", "".join(gateway.output)).group(1))
+            with pytest.raises(InferenceServerException) as failed:
+                await ask(-request_input(1))
+            assert failed.value.status() == "StatusCode.UNAVAILABLE"
+            assert f"worker {first}: an inference has held its event loop past the legacy's timeout_s" in "".join(
+                gateway.output)
+            await metric.until_equal("shadowserve_worker_restarts_total", 1)
+            await until(lambda: "restarted worker 0 as" in "".join(gateway.output), 60)
+            await eventually(lambda: model_ready(client), 60)
+            for n in range(5):
+                assert await ask(request_input(n)) == legacy_answer(request_input(n))
+    finally:
+        await gateway.stop()
+    assert not alive(first)
+    assert gateway.process.returncode == 0, "".join(gateway.output)

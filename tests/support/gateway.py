@@ -15,6 +15,7 @@ from typing import Any, Awaitable, Callable
 
 import numpy as np
 import tritonclient.grpc.aio as triton_aio
+from tritonclient.utils import InferenceServerException
 
 X = np.array([[1.0, 2.0]], np.float32)
 LEGACY = (X * 2).tobytes()  # what the test legacy (y = 2x) answers for X
@@ -26,6 +27,16 @@ async def eventually(check: Callable[[], Awaitable[bool]], timeout_s: float = 30
     while not await check():
         assert asyncio.get_running_loop().time() < deadline, "condition not met in time"
         await asyncio.sleep(0.05)
+
+
+async def model_ready(client: triton_aio.InferenceServerClient, model: str = "m") -> bool:
+    """Whether `model` is ready; not yet while the port refuses connections (a worker still loading its runtime)."""
+    try:
+        return await client.is_model_ready(model)
+    except InferenceServerException as exc:
+        if exc.status() != "StatusCode.UNAVAILABLE":
+            raise
+        return False
 
 
 class GatewayProcess:
@@ -55,7 +66,7 @@ class GatewayProcess:
                 break
         self._drain = asyncio.get_running_loop().create_task(self._read_rest())
         async with self.client() as client:
-            await eventually(lambda: client.is_model_ready("m"))
+            await eventually(lambda: model_ready(client), 120)
 
     async def _read_rest(self) -> None:
         while line := await self.process.stdout.readline():
