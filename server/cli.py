@@ -97,6 +97,7 @@ def configure_logging(level: str = "INFO", log_format: str | None = None) -> Non
     else:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.basicConfig(level=level, handlers=[handler], force=True)
+    logging.captureWarnings(True)  # a runtime's warning is a log event like any other, in the same format
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -60,6 +60,16 @@ def test_json_logs_one_event_per_line_with_rollout_changes(demo_models, tmp_path
     assert change["model"] == "classifier" and change["new_serve_percent"] == 5 and change["source"] == "cli"
 
 
+def test_a_runtime_warning_is_a_json_log_event_too():
+    program = ("import warnings; from server.cli import configure_logging; configure_logging('INFO', 'json'); "
+               "warnings.warn('a runtime says something')")
+    result = subprocess.run([sys.executable, "-c", program], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    events = [json.loads(line) for line in result.stderr.splitlines()]
+    assert [(event["level"], event["logger"]) for event in events] == [("WARNING", "py.warnings")]
+    assert "UserWarning: a runtime says something" in events[0]["message"]
+
+
 def test_demo_serve_tells_ctl_where_to_look_and_cleans_up_on_sigterm(tmp_path):
     admin = f"127.0.0.1:{free_port()}"
     env = {**os.environ, "SHADOWSERVE_ADMIN": admin}
