@@ -59,26 +59,34 @@ class Run:
         """The worst request's wait beyond the median one: a pause of the server shows here whole."""
         return float(self.latencies_ns.max() - np.median(self.latencies_ns)) / 1e6
 
-    def own_stall_ms(self, beside: "Run") -> float:
+    def own_stall_ms(self, *beside: "Run") -> float:
         """`stall_ms` less what the rig lost at the same moments: each request's wait beyond the median, minus the
-        largest such wait of the requests of `beside` (sent at the same time to another server) in flight with it.
+        largest such wait of the requests of `beside` (sent at the same time to other servers) in flight with it.
         A pause of the load generator, the shared backends or the machine delays both; one of this server, only it."""
-        assert self.starts_ns is not None and beside.starts_ns is not None
+        assert self.starts_ns is not None and all(run.starts_ns is not None for run in beside)
         excess = self.latencies_ns - np.median(self.latencies_ns)
-        order = np.argsort(beside.starts_ns)
-        starts = beside.starts_ns[order]
-        ends = starts + beside.latencies_ns[order]
-        shared = np.maximum(beside.latencies_ns[order] - np.median(beside.latencies_ns), 0)
-        longest = int(beside.latencies_ns.max())
+        sides = [_InFlight(run) for run in beside]
         own = 0
         for start, latency, wait in zip(self.starts_ns, self.latencies_ns, excess):
-            if wait <= own:
-                continue
-            low, high = np.searchsorted(starts, [start - longest, start + latency])
-            overlapping = ends[low:high] > start
-            rig = int(shared[low:high][overlapping].max()) if overlapping.any() else 0
-            own = max(own, int(wait) - rig)
+            if wait > own:
+                own = max(own, int(wait) - max((side.longest_wait(start, start + latency) for side in sides), default=0))
         return own / 1e6
+
+
+class _InFlight:
+    """A run's requests by start time, to find the longest wait beyond its median among those in flight at once."""
+
+    def __init__(self, run: Run) -> None:
+        order = np.argsort(run.starts_ns)
+        self.starts = run.starts_ns[order]
+        self.ends = self.starts + run.latencies_ns[order]
+        self.waits = np.maximum(run.latencies_ns[order] - np.median(run.latencies_ns), 0)
+        self.longest = int(run.latencies_ns.max())
+
+    def longest_wait(self, start: int, end: int) -> int:
+        low, high = np.searchsorted(self.starts, [start - self.longest, end])
+        overlapping = self.ends[low:high] > start
+        return int(self.waits[low:high][overlapping].max()) if overlapping.any() else 0
 
 
 class Client:

@@ -53,3 +53,7 @@ def test_a_stall_the_rig_shares_is_not_counted_as_the_gateways():
     gateway.latencies_ns[700] += 40 * ms  # nothing straight to the legacy was in flight then
     straight.latencies_ns[690] += 40 * ms
     assert gateway.own_stall_ms(straight) == 40.0
+    same_core = Run(latencies.copy(), 5.0, {}, starts + 2 * ms)  # the host paused the gateway's core, not the other
+    same_core.latencies_ns[700] += 39 * ms
+    assert gateway.own_stall_ms(straight, same_core) == 12.0
+    assert gateway.own_stall_ms() == 40.0
