@@ -52,11 +52,19 @@ class GatewayProcess:
         self._drain: asyncio.Task | None = None
 
     async def start(self) -> None:
+        """Start it and wait until model "m" is ready; a gateway that does not get there is stopped, not left behind."""
         env = {key: value for key, value in os.environ.items() if key != "PROMETHEUS_MULTIPROC_DIR"}
-        self.output = []
+        self.output, self._drain = [], None
         self.process = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "server.cli", "serve", "--config", str(self.config), *self.args,
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, env={**env, **(self.env or {})})
+        try:
+            await self._until_ready()
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def _until_ready(self) -> None:
         while True:
             line = (await asyncio.wait_for(self.process.stdout.readline(), 120)).decode()
             assert line, "gateway exited:\n" + "".join(self.output)
@@ -80,7 +88,8 @@ class GatewayProcess:
             if self.process.returncode is None:
                 self.process.send_signal(signal.SIGTERM)
             await asyncio.wait_for(self.process.wait(), 30)
-            await self._drain
+            if self._drain is not None:
+                await self._drain
 
     def client(self) -> triton_aio.InferenceServerClient:
         return triton_aio.InferenceServerClient(f"127.0.0.1:{self.grpc_port}", **self.client_tls)
