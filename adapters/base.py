@@ -40,7 +40,8 @@ class Backend(abc.ABC):
 
     Adapters implement `load`, `run` and, where they hold resources, `close`. The pair's tensor
     names are translated to the backend's own (`tensor_names` in config) before `run` sees them,
-    so `run` works only with `self.signature` names. `run` must never block the event loop.
+    so `run` works only with `self.signature` names. `run` must not block the event loop, except as
+    `run_on_loop_when_fast` allows.
     """
 
     runtime: str = ""
