@@ -70,7 +70,7 @@ class Backend(abc.ABC):
         self.ready = False
 
     def run_on_loop_when_fast(self, watch: LoopWatch) -> None:
-        """Let calls expected to be fast run on the event loop, told to `watch` while they hold it; in-process runtimes can."""
+        """Let calls expected to be fast run on the event loop, telling `watch` while they hold it (in-process only)."""
 
     def describe(self) -> dict[str, str]:
         """Facts operators should see in ModelMetadata/ModelConfig parameters."""
@@ -148,7 +148,8 @@ class InProcessBackend(Backend):
         self._calls.put((function, args, answer))
         return answer
 
-    def _run_on_the_loop(self, inputs: dict[str, np.ndarray], timeout_s: float, watch: LoopWatch) -> dict[str, np.ndarray]:
+    def _run_on_the_loop(self, inputs: dict[str, np.ndarray], timeout_s: float,
+                         watch: LoopWatch) -> dict[str, np.ndarray]:
         start = time.monotonic()
         watch.blocked(start + self.config.timeout_s + HUNG_GRACE_S)
         try:
