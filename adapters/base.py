@@ -88,6 +88,9 @@ class Backend(abc.ABC):
 # A call expected to be this fast may run on the event loop of a worker whose loop is watched: on one core,
 # the hop to an inference thread and back, among gRPC's threads, took 280 µs a request (1.47 against 1.19 ms).
 ON_LOOP_UP_TO_S = 0.005
+# Each call's time per input byte, or the last estimate times this if more: one slow call keeps the next few
+# hundred calls on the thread, so a model whose cost varies with the input rarely blocks the loop.
+ESTIMATE_DECAY = 0.99
 HUNG_GRACE_S = 1.0  # an inference on the loop this long past the backend's timeout_s gets its worker replaced
 
 
@@ -99,7 +102,7 @@ class InProcessBackend(Backend):
 
     Given a `LoopWatch` (`run_on_loop_when_fast`), a one-thread backend runs a call on the event loop
     itself when its thread is idle and the call should take under `ON_LOOP_UP_TO_S`, judged by the
-    last call's time per input byte. The watch lets the supervisor replace the worker if such a call
+    recent calls' time per input byte. The watch lets the supervisor replace the worker if such a call
     hangs; a call that merely ends past its timeout fails as it would on the thread.
     """
 
@@ -112,7 +115,8 @@ class InProcessBackend(Backend):
         ]
         self._running_since: dict[int, float] = {}  # by thread: when its inference started
         self._loop_watch: LoopWatch | None = None
-        self._seconds_per_byte = math.inf  # of the last inference; a backend not yet timed runs on its thread
+        self._seconds_per_byte = math.inf  # of recent inferences; a backend not yet timed runs on its thread
+        self._handed = self._finished = 0  # calls handed to the threads, and calls they are done with
 
     @abc.abstractmethod
     def load_blocking(self) -> None: ...
@@ -132,7 +136,7 @@ class InProcessBackend(Backend):
 
     async def run(self, inputs: dict[str, np.ndarray], timeout_s: float) -> dict[str, np.ndarray]:
         watch = self._loop_watch
-        if (watch is not None and len(self._threads) == 1 and self._calls.empty() and not self._running_since
+        if (watch is not None and len(self._threads) == 1 and self._handed == self._finished
                 and self._seconds_per_byte * _nbytes(inputs) <= ON_LOOP_UP_TO_S):
             return self._run_on_the_loop(inputs, timeout_s, watch)
         answer = self._on_a_thread(self._run_checked, inputs)
@@ -145,6 +149,7 @@ class InProcessBackend(Backend):
     def _on_a_thread(self, function, *args) -> asyncio.Future:
         """`function(*args)` on the first free thread; a call whose future is done before it starts never runs."""
         answer = asyncio.get_running_loop().create_future()
+        self._handed += 1
         self._calls.put((function, args, answer))
         return answer
 
@@ -163,12 +168,14 @@ class InProcessBackend(Backend):
     def _serve_calls(self) -> None:
         while (call := self._calls.get()) is not None:
             function, args, answer = call
-            if answer.done():  # it timed out, or its request was cancelled, while it waited for this thread
-                continue
             try:
+                if answer.done():  # it timed out, or its request was cancelled, while it waited for this thread
+                    continue
                 settle, outcome = answer.set_result, function(*args)
             except BaseException as exc:
                 settle, outcome = answer.set_exception, exc
+            finally:
+                self._finished += 1  # written by the one thread of a backend that may run calls on the loop
             try:
                 answer.get_loop().call_soon_threadsafe(_settle, answer, settle, outcome)
             except RuntimeError:  # the loop has closed: nobody waits for the answer
@@ -190,7 +197,9 @@ class InProcessBackend(Backend):
         self._running_since[thread] = start = time.monotonic()
         try:
             outputs = self.run_blocking(inputs)
-            self._seconds_per_byte = (time.monotonic() - start) / max(_nbytes(inputs), 1)
+            measured = (time.monotonic() - start) / max(_nbytes(inputs), 1)
+            recent = self._seconds_per_byte * ESTIMATE_DECAY
+            self._seconds_per_byte = measured if math.isinf(recent) else max(measured, recent)
             return outputs
         except ShadowServeError:
             raise

@@ -170,6 +170,7 @@ def run_workers(config: Config, config_path: Path, count: int, log_level: str = 
                 continue
             del children[pid]
             multiprocess.mark_process_dead(pid)
+            shared.loop_watch(index).free()  # it may have died during a call on its loop: not its successor's
             code = os.waitstatus_to_exitcode(status)
             if code == EXIT_START_FAILED:
                 log.error("worker %d could not start; stopping the others", pid)

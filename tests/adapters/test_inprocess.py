@@ -130,11 +130,36 @@ async def test_a_watched_one_thread_backend_runs_calls_expected_to_be_fast_on_th
         await backend.infer({"image": one}, timeout_s=0.01)
     assert timed.places()[6:] == ["loop"]
     timed.seconds = 0.1
-    await backend.infer({"image": one})  # taken slow: the next call goes to the thread
+    await backend.infer({"image": one})  # one slow call: the next few dozen go to the thread
     timed.seconds = 0.0
-    await backend.infer({"image": one})
-    await backend.infer({"image": one})
-    assert timed.places()[7:] == ["loop", "thread", "loop"]
+    while timed.places()[-1] == "thread" or len(timed.calls) == 8:
+        assert len(timed.calls) < 1000, "back on the loop once fast calls have worn the slow one off"
+        await backend.infer({"image": one})
+    assert timed.places()[7] == "loop" and len(timed.calls) > 8 + 60  # 0.99 ** 60 > 0.5: still over 0.05 s
+    await backend.close()
+
+
+async def test_a_call_waits_for_the_thread_while_it_has_work_so_the_model_never_runs_twice_at_once(
+        demo_models, monkeypatch):
+    monkeypatch.setattr(base, "ON_LOOP_UP_TO_S", 0.05)  # a first, cold call may take more than 5 ms
+    backend = mxnet_backend(demo_models)
+    await backend.load()
+    slot = np.zeros(1)
+    timed = Timed(backend, slot)
+    backend.run_on_loop_when_fast(LoopWatch(slot))
+    images, _ = synthetic_images(1, np.random.default_rng(0))
+    for _ in range(2):
+        await backend.infer({"image": images})
+    assert timed.places() == ["thread", "loop"]
+    started, release = threading.Event(), threading.Event()
+    busy = backend._on_a_thread(lambda: started.set() or release.wait())
+    assert await asyncio.to_thread(started.wait, 30)
+    waiting = asyncio.ensure_future(backend.infer({"image": images}))
+    await asyncio.sleep(0.05)
+    assert not waiting.done() and len(timed.calls) == 2  # queued behind the thread's work, not run on the loop
+    release.set()
+    assert (await waiting)["probabilities"].shape == (1, 6) and await busy is True
+    assert timed.places() == ["thread", "loop", "thread"]
     await backend.close()
 
 
