@@ -71,8 +71,9 @@ class Gateway:
         self.dispatcher = Dispatcher.from_config(config.models, config.server, self.metrics, shared.routes,
                                                  HandoffWriter(shared.rings[worker], wake_fd), shared.engine_address)
         if self.engine is None:  # a worker of `serve`: the process that forked it replaces it if its loop hangs
+            watch = shared.loop_watch(worker)
             for pair in self.dispatcher.pairs.values():
-                pair.legacy.run_on_loop_when_fast(shared.loop_watch(worker))
+                pair.legacy.run_on_loop_when_fast(watch)
         self.serve_metrics = serve_metrics
         self.grpc_port = self.metrics_port = 0
         self._servers: list[grpc.aio.Server] = []

@@ -104,6 +104,13 @@ class Timed:
         return ["loop" if on_loop else "thread" for on_loop, _ in self.calls]
 
 
+def watched(backend) -> Timed:
+    """`backend` given a watch, as a worker of `serve` gives its legacy, with its calls timed."""
+    timed = Timed(backend, np.zeros(1))
+    backend.run_on_loop_when_fast(LoopWatch(timed.slot))
+    return timed
+
+
 async def test_a_watched_one_thread_backend_runs_calls_expected_to_be_fast_on_the_event_loop(demo_models, monkeypatch):
     monkeypatch.setattr(base, "ON_LOOP_UP_TO_S", 0.05)
     slot = np.zeros(1)
@@ -144,9 +151,7 @@ async def test_a_call_waits_for_the_thread_while_it_has_work_so_the_model_never_
     monkeypatch.setattr(base, "ON_LOOP_UP_TO_S", 0.05)  # a first, cold call may take more than 5 ms
     backend = mxnet_backend(demo_models)
     await backend.load()
-    slot = np.zeros(1)
-    timed = Timed(backend, slot)
-    backend.run_on_loop_when_fast(LoopWatch(slot))
+    timed = watched(backend)
     images, _ = synthetic_images(1, np.random.default_rng(0))
     for _ in range(2):
         await backend.infer({"image": images})
@@ -166,9 +171,7 @@ async def test_a_call_waits_for_the_thread_while_it_has_work_so_the_model_never_
 async def test_a_backend_of_several_threads_never_runs_on_the_event_loop(demo_models):
     backend = mxnet_backend(demo_models, threads=2)
     await backend.load()
-    slot = np.zeros(1)
-    timed = Timed(backend, slot)
-    backend.run_on_loop_when_fast(LoopWatch(slot))
+    timed = watched(backend)
     images, _ = synthetic_images(1, np.random.default_rng(0))
     for _ in range(3):
         await backend.infer({"image": images})
